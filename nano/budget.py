@@ -1,0 +1,123 @@
+"""The thinking-budget controller: where reasoning is cut, as a few tensor operations per token.
+
+The rule, per row of a batch (the `budget` argument of `nano.generate`):
+
+- The budget N counts reasoning tokens: the tokens generated inside `<think>` ... `</think>`, over
+  every think block of one response together. Tags, forced tokens and answer tokens do not count.
+- After its N-th reasoning token the model may finish its line: the first reasoning token k with
+  N <= k <= N + grace that ends a line closes reasoning right after it; if none does, reasoning is
+  closed after token N + grace. So a response never holds more than N + grace reasoning tokens.
+- Closing means forcing the close sequence (`</think>` and the newline after it) on the next
+  steps; the answer then follows in the same pass.
+- A think block opened once the budget is spent (count >= N) is closed at once.
+- Tags always alternate: `<think>` cannot be sampled inside reasoning nor `</think>` outside it,
+  so a forced close is never followed by a second one, and nothing is forced outside reasoning
+  (an answer, a tool call).
+
+Everything lives on the model's device and no value is read back to the host, so the decode loop
+can run ahead of the CPU and the step can be captured in a CUDA graph. The pure-Python twin that
+this must match token for token is `tests/budget_spec.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .chat import ThinkTokens
+
+# What each generated token is, per row and step.
+REASONING, ANSWER, CONTROL, END, PAD = 0, 1, 2, 3, 4
+NO_LIMIT = 2**62
+
+
+def default_grace(budget: int) -> int:
+    """The line-finishing window when none is given: 10% of the budget, at least one token."""
+    return max(1, budget // 10)
+
+
+class BudgetController:
+    """Per-row reasoning state of one batched generation.
+
+    `budgets[i]` is None for no limit; `graces[i]` None for the default window; `thinking[i]`
+    says whether row i's prompt leaves reasoning open (the template wrote `<think>`);
+    `max_new[i]` is the number of tokens row i may generate.
+    """
+
+    def __init__(
+        self,
+        think: ThinkTokens,
+        line_end_ids: torch.Tensor,
+        vocab_size: int,
+        budgets: Sequence[int | None],
+        graces: Sequence[int | None],
+        thinking: Sequence[bool],
+        max_new: Sequence[int],
+        device: torch.device | str = "cpu",
+    ):
+        rows = len(budgets)
+        if not (len(graces) == len(thinking) == len(max_new) == rows):
+            raise ValueError("budgets, graces, thinking and max_new must have one entry per row")
+        as_long = dict(dtype=torch.long, device=device)
+        self.open_id, self.close_id = think.open, think.close
+        self.close_sequence = torch.tensor(think.close_sequence, **as_long)
+        self.eos = torch.tensor(think.eos, **as_long)
+        self.pad_id = think.eos[0]
+        self.line_end = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.line_end[line_end_ids[line_end_ids < vocab_size].to(device)] = True
+
+        budget = [NO_LIMIT if b is None else b for b in budgets]
+        window = [0 if b is None else (default_grace(b) if g is None else g) for b, g in zip(budgets, graces)]
+        self.budget = torch.tensor(budget, **as_long)
+        self.limit = self.budget + torch.tensor(window, **as_long)
+        self.max_new = torch.tensor(list(max_new), **as_long)
+        self.count = torch.zeros(rows, **as_long)
+        self.generated = torch.zeros(rows, **as_long)
+        self.thinking = torch.tensor(list(thinking), dtype=torch.bool, device=device)
+        self.done = self.max_new <= 0
+        self.hit = self.thinking & (self.budget <= 0)
+        # Index into the close sequence being forced on the next step, -1 when free.
+        self.force = torch.where(self.hit, 0, -1)
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Forbid the tag that would not alternate: `<think>` inside reasoning, `</think>` outside."""
+        logits[:, self.open_id].masked_fill_(self.thinking, float("-inf"))
+        logits[:, self.close_id].masked_fill_(~self.thinking, float("-inf"))
+        return logits
+
+    def advance(self, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take the sampled tokens (one per row), apply forcing, update the state.
+
+        Returns the tokens to emit and feed back, and what each one is (REASONING, ANSWER, ...).
+        """
+        forcing = self.force >= 0
+        forced = self.close_sequence[self.force.clamp(min=0)]
+        token = torch.where(forcing, forced, sampled)
+        token = torch.where(self.done, self.pad_id, token)
+        live = ~self.done
+
+        is_end = live & ~forcing & torch.isin(token, self.eos)
+        opens = live & ~self.thinking & (token == self.open_id)
+        is_tag = opens | (live & self.thinking & (token == self.close_id))
+        reasoning = live & self.thinking & ~forcing & ~is_tag & ~is_end
+        self.count += reasoning
+        budget_reached = self.count >= self.budget
+        cut = reasoning & budget_reached & (self.line_end[token] | (self.count >= self.limit))
+        reopened_spent = opens & budget_reached
+
+        kind = torch.full_like(token, ANSWER)
+        kind = torch.where(reasoning, REASONING, kind)
+        kind = torch.where(forcing | is_tag, CONTROL, kind)
+        kind = torch.where(is_end, END, kind)
+        kind = torch.where(self.done, PAD, kind)
+
+        self.thinking ^= is_tag
+        step = self.force + 1
+        self.force = torch.where(forcing & (step < self.close_sequence.numel()), step, -1)
+        start = cut | reopened_spent
+        self.force = torch.where(start, 0, self.force)
+        self.hit |= start
+        self.generated += live
+        self.done = self.done | is_end | (self.generated >= self.max_new)
+        return token, kind

@@ -1,0 +1,196 @@
+"""Loading and saving Hugging Face checkpoint folders of the NemotronH family.
+
+`nano.load` reads what `save_pretrained` writes and nothing more: `config.json`, `model.safetensors`
+or shards with `model.safetensors.index.json`, and the tokenizer files with a chat template. It
+checks the folder before handing it to transformers, whose own loader would fill a missing tensor
+with random values and only warn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .atomic import atomic_dir
+from .chat import ChatFormat
+from .config import ConfigError, check_supported
+from .reference import ReferenceDecoder
+
+CONFIG = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing a file, or a file disagrees with the config or the index."""
+
+
+@dataclass
+class Model:
+    """A loaded checkpoint: the transformers model, its tokenizer and config, and its chat format."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    config: object
+    chat: ChatFormat
+    path: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def decoder(self) -> ReferenceDecoder:
+        """A fresh decoder for one generation."""
+        return ReferenceDecoder(self.model)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a checkpoint folder that `nano.load` and `from_pretrained` read; all or nothing."""
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        return Path(path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _shard_shapes(path: Path) -> dict[str, list[int]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor of the checkpoint: name -> (file it is in, shape); read from the file headers."""
+    index_path, single_path = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index_path.exists():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: no weight_map")
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            listed = sorted(name for name, file in weight_map.items() if file == shard)
+            if not shard_path.exists():
+                raise CheckpointError(
+                    f"{index_path}: weight_map names shard {shard!r} (for {len(listed)} tensors, "
+                    f"first {listed[0]!r}), but {shard_path} does not exist"
+                )
+            shapes = _shard_shapes(shard_path)
+            absent = [name for name in listed if name not in shapes]
+            if absent:
+                raise CheckpointError(
+                    f"{shard_path}: {len(absent)} tensors that {INDEX_FILE} places in this shard are not in it, "
+                    f"first {absent[0]!r}; the index and the shards do not belong together"
+                )
+            tensors.update({name: (shard, shapes[name]) for name in listed})
+        return tensors
+    if single_path.exists():
+        return {name: (SINGLE_FILE, shape) for name, shape in _shard_shapes(single_path).items()}
+    raise CheckpointError(f"{folder}: no weights (neither {SINGLE_FILE} nor {INDEX_FILE})")
+
+
+def _canonical(name: str) -> str:
+    # NVIDIA's own checkpoints name the trunk `backbone.`; transformers renames it `model.` on load.
+    return "model." + name[len("backbone.") :] if name.startswith("backbone.") else name
+
+
+def _check_tensors(folder: Path, hf_config) -> None:
+    from transformers import NemotronHForCausalLM
+
+    with torch.device("meta"):
+        expected = {name: list(p.shape) for name, p in NemotronHForCausalLM(hf_config).state_dict().items()}
+    found = {_canonical(name): where for name, where in checkpoint_tensors(folder).items()}
+    # Routed experts are stored one tensor per expert and merged on load; their shapes are not compared.
+    names = [name for name in expected if ".experts." not in name]
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: {len(missing)} tensors that {CONFIG} calls for are in no weight file, "
+            f"first {missing[0]!r}; is {CONFIG} from another checkpoint?"
+        )
+    for name in names:
+        file, shape = found[name]
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"{folder / file}: tensor {name!r} has shape {shape}, but {CONFIG} implies {expected[name]}"
+            )
+
+
+def _default_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _default_dtype(dtype, device: torch.device, hf_config) -> torch.dtype:
+    if dtype is not None:
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device.type == "cpu":
+        return torch.float32  # bf16 matmuls on most CPUs are slow and no more exact
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.bfloat16
+
+
+def load(path: str | os.PathLike, device=None, dtype=None) -> Model:
+    """Load a NemotronH checkpoint folder.
+
+    `device` defaults to the GPU when there is one; `dtype` to fp32 on the CPU and the checkpoint's
+    own dtype (bf16 for the published models) on a GPU.
+    """
+    from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (it does not exist or is a file)")
+    config_path = folder / CONFIG
+    if not config_path.exists():
+        raise CheckpointError(
+            f"{folder}: no {CONFIG}; a checkpoint folder holds {CONFIG}, {SINGLE_FILE} (or shards "
+            f"with {INDEX_FILE}) and the tokenizer files"
+        )
+    raw = _read_json(config_path)
+    try:
+        check_supported(raw, str(config_path))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    hf_config = NemotronHConfig.from_pretrained(folder)
+    _check_tensors(folder, hf_config)
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+
+    device = _default_device(device)
+    dtype = _default_dtype(dtype, device, hf_config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = NemotronHForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    model.eval()
+
+    eos = [*_as_list(hf_config.eos_token_id), *_as_list(getattr(model.generation_config, "eos_token_id", None))]
+    eos.append(tokenizer.eos_token_id)
+    chat = ChatFormat(tokenizer, eos, source=str(folder))
+    return Model(model=model, tokenizer=tokenizer, config=model.config, chat=chat, path=folder)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

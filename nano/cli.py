@@ -1,0 +1,159 @@
+"""`nanokit`: the toolkit's command line.
+
+Subcommands of the core live here; the pipeline stages (`prune`, `export`, ...) add theirs through
+the `nanokit.commands` entry point group, so the core does not import them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib.metadata import entry_points
+
+RANDOM_WEIGHTS_NOTICE = (
+    "note: no --model given; using the embedded default, a tiny NemotronH checkpoint with RANDOM "
+    "weights built on the spot ({path}). Its text is noise; the budget controller, the chat format "
+    "and the token accounting are real."
+)
+
+
+def _printable(text: str) -> str:
+    """Text safe for a terminal: control characters other than newline and tab shown escaped."""
+    return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _Style:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.enabled else text
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _summary(gen, budget, grace, seconds: float) -> str:
+    from .budget import default_grace
+
+    if budget is None:
+        limit = "no budget"
+    else:
+        limit = f"budget {budget}, grace {default_grace(budget) if grace is None else grace}"
+    cut = "; cut by the controller" if gen.budget_hit else ""
+    return (
+        f"reasoning {gen.reasoning_tokens} tokens ({limit}{cut}) · answer {gen.answer_tokens} tokens · "
+        f"prompt {gen.prompt_tokens} tokens · finished by {gen.finish_reason} · {seconds:.2f} s"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import nano
+    from nano.tiny import default_checkpoint
+
+    _quiet_transformers()
+    out, err = sys.stdout, sys.stderr
+    style = _Style(out.isatty())
+    path = args.model
+    if path is None:
+        path = default_checkpoint()
+        print(RANDOM_WEIGHTS_NOTICE.format(path=path), file=err)
+    model = nano.load(path, device=args.device)
+    print(f"runtime: {model.decoder().name} on {model.device}, {str(model.dtype).removeprefix('torch.')}", file=err)
+
+    kwargs = dict(
+        budget=args.budget,
+        grace=args.grace,
+        think=not args.no_think,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    reasoning_header = style("── reasoning ──", "2;36")
+    answer_header = style("── answer ──", "1;32")
+    start = time.perf_counter()
+    if args.stream:
+        stream = nano.generate(model, args.prompt, stream=True, **kwargs)
+        current = None
+        for event in stream:
+            if event.kind != current:
+                if current is not None:
+                    out.write("\n")
+                out.write((reasoning_header if event.kind == "reasoning" else answer_header) + "\n")
+                current = event.kind
+            text = _printable(event.text)
+            out.write(style(text, "2") if event.kind == "reasoning" else text)
+            out.flush()
+        out.write("\n")
+        gen = stream.result
+    else:
+        gen = nano.generate(model, args.prompt, **kwargs)
+        if gen.reasoning:
+            out.write(f"{reasoning_header}\n{style(_printable(gen.reasoning), '2')}\n")
+        out.write(f"{answer_header}\n{_printable(gen.answer)}\n")
+    seconds = time.perf_counter() - start
+    print(style(_summary(gen, args.budget, args.grace, seconds), "2"), file=out)
+    return 0
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate a response with the reasoning cut near a token budget",
+        description="Generate with the thinking-budget controller: reasoning is cut near --budget "
+        "tokens (at the end of a line, within --grace more), `</think>` is forced, and the answer "
+        "follows in the same pass.",
+    )
+    p.add_argument("prompt", help="the user's message")
+    p.add_argument("--model", help="checkpoint folder (default: a tiny random-weight checkpoint)")
+    p.add_argument("--budget", type=_non_negative, help="reasoning tokens allowed (0: reasoning off; default: no limit)")
+    p.add_argument("--grace", type=_non_negative, help="tokens allowed past the budget to finish a line (default: 10%% of it, at least 1)")
+    p.add_argument("--no-think", action="store_true", help="turn reasoning off")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    p.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanokit",
+        description="Compress, run with a thinking budget, and deploy NVIDIA's small Nemotron models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_generate(sub)
+    for entry in entry_points(group="nanokit.commands"):
+        entry.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError) as e:
+        print(f"nanokit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Reading a NemotronH `config.json`: the layer pattern and the facts the rest of the toolkit needs.
+
+Checkpoints in the wild spell the layer layout two ways: the original `hybrid_override_pattern`
+string (one letter per layer) and transformers' newer `layers_block_type` list, itself in an old
+("mamba", "attention") and a new ("linear_attention", "full_attention") vocabulary. Everything
+in this toolkit speaks the pattern string; this module is the one place that translates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Pattern letters, as in the published configs.
+MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
+
+_LETTER_OF_BLOCK_TYPE = {
+    "mamba": MAMBA,
+    "linear_attention": MAMBA,
+    "attention": ATTENTION,
+    "full_attention": ATTENTION,
+    "mlp": MLP,
+    "moe": MOE,
+}
+
+NEMOTRON_H_MODEL_TYPE = "nemotron_h"
+NEMOTRON_H_ARCHITECTURE = "NemotronHForCausalLM"
+
+
+class ConfigError(ValueError):
+    """A checkpoint's configuration is missing, malformed, or describes an unsupported model."""
+
+
+def layer_pattern(config: dict[str, Any], source: str = "config.json") -> str:
+    """The layer layout as a pattern string such as ``"M-M*-"``.
+
+    Reads `hybrid_override_pattern` or `layers_block_type`; `source` names the file in errors.
+    """
+    pattern = config.get("hybrid_override_pattern")
+    if pattern is not None:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"{source}: hybrid_override_pattern must be a non-empty string, got {pattern!r}")
+        for i, letter in enumerate(pattern):
+            if letter not in (MAMBA, ATTENTION, MLP, MOE):
+                raise ConfigError(
+                    f"{source}: hybrid_override_pattern has {letter!r} at layer {i}; "
+                    f"accepted letters are 'M' (Mamba2), '*' (attention), '-' (MLP), 'E' (MoE)"
+                )
+        return pattern
+    block_types = config.get("layers_block_type")
+    if block_types is None:
+        raise ConfigError(f"{source}: neither hybrid_override_pattern nor layers_block_type is set")
+    if not isinstance(block_types, list) or not block_types:
+        raise ConfigError(f"{source}: layers_block_type must be a non-empty list, got {block_types!r}")
+    letters = []
+    for i, block_type in enumerate(block_types):
+        if block_type not in _LETTER_OF_BLOCK_TYPE:
+            raise ConfigError(
+                f"{source}: layers_block_type[{i}] is {block_type!r}; "
+                f"accepted values are {sorted(_LETTER_OF_BLOCK_TYPE)}"
+            )
+        letters.append(_LETTER_OF_BLOCK_TYPE[block_type])
+    return "".join(letters)
+
+
+def check_supported(config: dict[str, Any], source: str = "config.json") -> None:
+    """Raise `ConfigError` unless `config` describes a NemotronH causal LM."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    if model_type == NEMOTRON_H_MODEL_TYPE or NEMOTRON_H_ARCHITECTURE in architectures:
+        layer_pattern(config, source)
+        return
+    raise ConfigError(
+        f"{source}: model_type {model_type!r} (architectures {architectures}) is not supported; "
+        f"nano.load reads NemotronH checkpoints (model_type {NEMOTRON_H_MODEL_TYPE!r}, "
+        f"architecture {NEMOTRON_H_ARCHITECTURE!r})"
+    )
+
+
+def context_length(config: Any) -> int:
+    """The longest sequence (prompt and generated tokens together) the model was built for."""
+    return int(getattr(config, "max_position_embeddings"))

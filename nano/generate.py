@@ -1,0 +1,297 @@
+"""`nano.generate`: one prefill, then a decode loop with the thinking-budget controller inside it.
+
+The loop never leaves the device between tokens except to ask whether every row has finished
+(and, when streaming, to read the new tokens). A budget cut forces `</think>` into the same
+sequence the model is decoding: there is no second request and no second prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .budget import ANSWER, CONTROL, END, PAD, REASONING, BudgetController
+from .config import context_length
+from .detokenize import IncrementalText, decode
+
+KIND_NAMES = {REASONING: "reasoning", ANSWER: "answer"}
+
+
+@dataclass
+class Generation:
+    """One response: reasoning and answer text, their token counts, and the generated ids."""
+
+    reasoning: str
+    answer: str
+    reasoning_tokens: int
+    answer_tokens: int
+    budget_hit: bool  # the controller forced the end of reasoning
+    token_ids: list[int] = field(repr=False)  # everything generated: tags, forced tokens, the end token
+    prompt_tokens: int = 0
+    finish_reason: str = "eos"  # "eos" (the model ended its turn) or "length" (out of tokens)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A piece of streamed text; `row` is the prompt's index in a batch."""
+
+    kind: str  # "reasoning" or "answer"
+    text: str
+    row: int = 0
+
+
+def _is_chat(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, dict) for m in value)
+
+
+def _as_batch(prompt) -> tuple[list, bool]:
+    if isinstance(prompt, str) or _is_chat(prompt):
+        return [prompt], False
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) or _is_chat(p) for p in prompt):
+        return list(prompt), True
+    raise ValueError(
+        f"prompt must be a string, a list of chat messages, or a list of either for a batch; got {prompt!r:.200}"
+    )
+
+
+def _per_row(value, name: str, rows: int, batched: bool) -> list:
+    if isinstance(value, (list, tuple)):
+        if not batched:
+            raise ValueError(f"{name} is a list ({list(value)!r}) but the prompt is a single prompt")
+        if len(value) != rows:
+            raise ValueError(f"{name} has {len(value)} entries ({list(value)!r}) for a batch of {rows} prompts")
+        values = list(value)
+    else:
+        values = [value] * rows
+    for v in values:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"{name} must be a non-negative integer or None, got {v!r}")
+    return values
+
+
+def _check_sampling(max_new_tokens, temperature, top_p) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else from the temperature- and top-p-shaped distribution."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class _Prepared:
+    """Everything about a batch that is fixed before the first token."""
+
+    prompt_ids: list[list[int]]
+    controller: BudgetController
+    max_steps: int
+    batched: bool
+
+
+def _prepare(model, prompt, budget, grace, think, max_new_tokens) -> _Prepared:
+    prompts, batched = _as_batch(prompt)
+    rows = len(prompts)
+    budgets = _per_row(budget, "budget", rows, batched)
+    graces = _per_row(grace, "grace", rows, batched)
+    chat, context = model.chat, context_length(model.config)
+    open_id, close_id = chat.think.open, chat.think.close
+
+    prompt_ids, thinking, row_budgets, max_new = [], [], [], []
+    for i, (p, b) in enumerate(zip(prompts, budgets)):
+        text, reasoning_on = chat.render(p, think=bool(think) and b != 0)
+        ids = chat.encode(text)
+        if len(ids) >= context:
+            where = f"prompt {i}" if batched else "the prompt"
+            raise ValueError(f"{where} is {len(ids)} tokens; the model's context is {context} tokens")
+        tags = [t for t in ids if t in (open_id, close_id)]
+        prompt_ids.append(ids)
+        thinking.append(bool(tags) and tags[-1] == open_id)
+        # With reasoning off, a think block the model opens anyway is closed at once.
+        row_budgets.append(b if reasoning_on else 0)
+        max_new.append(min(max_new_tokens, context - len(ids)))
+
+    controller = BudgetController(
+        chat.think,
+        chat.line_end_ids,
+        model.config.vocab_size,
+        row_budgets,
+        graces,
+        thinking,
+        max_new,
+        device=model.device,
+    )
+    return _Prepared(prompt_ids, controller, max(max_new), batched)
+
+
+def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _decode_steps(model, prepared: _Prepared, temperature, top_p, seed) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens, kinds) per step, each a (rows,) tensor on the model's device."""
+    controller = prepared.controller
+    device = model.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    decodable = len(model.tokenizer)  # ids past the tokenizer's vocabulary are padding rows of the head
+    decoder = model.decoder()
+    input_ids, mask = _left_pad(prepared.prompt_ids, controller.pad_id, device)
+    logits = decoder.prefill(input_ids, mask)
+    for _ in range(prepared.max_steps):
+        logits[:, decodable:] = float("-inf")
+        controller.mask_logits(logits)
+        tokens, kinds = controller.advance(sample(logits, temperature, top_p, generator))
+        yield tokens, kinds
+        if bool(controller.done.all()):
+            return
+        logits = decoder.step(tokens)
+
+
+def _runs(tokens: Sequence[int], kinds: Sequence[int], kind: int) -> list[list[int]]:
+    """The maximal runs of consecutive tokens of one kind."""
+    runs, current = [], None
+    for token, k in zip(tokens, kinds):
+        if k == kind:
+            if current is None:
+                current = []
+                runs.append(current)
+            current.append(token)
+        else:
+            current = None
+    return runs
+
+
+def _generation(tokenizer, tokens: list[int], kinds: list[int], hit: bool, prompt_tokens: int) -> Generation:
+    kept = [(t, k) for t, k in zip(tokens, kinds) if k != PAD]
+    tokens, kinds = [t for t, _ in kept], [k for _, k in kept]
+    text = {k: "".join(decode(tokenizer, run) for run in _runs(tokens, kinds, k)).lstrip() for k in KIND_NAMES}
+    return Generation(
+        reasoning=text[REASONING],
+        answer=text[ANSWER],
+        reasoning_tokens=kinds.count(REASONING),
+        answer_tokens=kinds.count(ANSWER),
+        budget_hit=hit,
+        token_ids=tokens,
+        prompt_tokens=prompt_tokens,
+        finish_reason="eos" if kinds and kinds[-1] == END else "length",
+    )
+
+
+def _generations(model, prepared: _Prepared, tokens: list[list[int]], kinds: list[list[int]]) -> list[Generation]:
+    hits = prepared.controller.hit.tolist()
+    return [
+        _generation(model.tokenizer, tokens[row], kinds[row], hits[row], len(prepared.prompt_ids[row]))
+        for row in range(len(prepared.prompt_ids))
+    ]
+
+
+class _RowText:
+    """Turns one row's tokens into stream events: a fresh decoder per run, leading blanks dropped."""
+
+    def __init__(self, tokenizer, row: int):
+        self.tokenizer, self.row = tokenizer, row
+        self.kind, self.run = None, None
+        self.started = {REASONING: False, ANSWER: False}
+
+    def _event(self, kind: int, text: str) -> list[Event]:
+        if not self.started[kind]:
+            text = text.lstrip()
+            self.started[kind] = bool(text)
+        return [Event(KIND_NAMES[kind], text, self.row)] if text else []
+
+    def end_run(self) -> list[Event]:
+        events = self._event(self.kind, self.run.finish()) if self.run is not None else []
+        self.kind, self.run = None, None
+        return events
+
+    def feed(self, token: int, kind: int) -> list[Event]:
+        events = []
+        if kind != self.kind:
+            events += self.end_run()
+            if kind in KIND_NAMES:
+                self.kind, self.run = kind, IncrementalText(self.tokenizer)
+        if self.run is not None:
+            events += self._event(kind, self.run.push(token))
+        return events
+
+
+class Stream:
+    """An iterator of `Event`s; once it is exhausted, `.result` holds what `generate` would have returned."""
+
+    def __init__(self, model, prepared: _Prepared, steps: Iterator):
+        self._model, self._prepared, self._steps = model, prepared, steps
+        self.result: Generation | list[Generation] | None = None
+
+    def __iter__(self) -> Iterator[Event]:
+        rows = len(self._prepared.prompt_ids)
+        texts = [_RowText(self._model.tokenizer, row) for row in range(rows)]
+        tokens, kinds = [[] for _ in range(rows)], [[] for _ in range(rows)]
+        for step_tokens, step_kinds in self._steps:
+            for row, (token, kind) in enumerate(zip(step_tokens.tolist(), step_kinds.tolist())):
+                tokens[row].append(token)
+                kinds[row].append(kind)
+                yield from texts[row].feed(token, kind)
+        for text in texts:
+            yield from text.end_run()
+        results = _generations(self._model, self._prepared, tokens, kinds)
+        self.result = results if self._prepared.batched else results[0]
+
+
+def generate(
+    model,
+    prompt,
+    budget: int | None | Sequence[int | None] = None,
+    grace: int | None | Sequence[int | None] = None,
+    think: bool = True,
+    max_new_tokens: int = 1024,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stream: bool = False,
+):
+    """Generate a response with the reasoning cut near `budget` tokens, in one pass.
+
+    `prompt` is a string (one user turn), a list of chat messages, or a list of either (a batch,
+    with `budget` and `grace` then allowed one per row). `budget` counts reasoning tokens; at it
+    the model may finish its line within `grace` more tokens (default 10% of the budget, at least
+    one), then `</think>` is forced and the answer follows. `budget=0` or `think=False` turns
+    reasoning off; `None` sets no limit. Returns a `Generation` (a list for a batch), or with
+    `stream=True` a `Stream` of `Event`s.
+    """
+    _check_sampling(max_new_tokens, temperature, top_p)
+    prepared = _prepare(model, prompt, budget, grace, think, max_new_tokens)
+    steps = _decode_steps(model, prepared, temperature, top_p, seed)
+    if stream:
+        return Stream(model, prepared, steps)
+    step_tokens, step_kinds = [], []
+    for tokens, kinds in steps:
+        step_tokens.append(tokens)
+        step_kinds.append(kinds)
+    tokens = torch.stack(step_tokens, dim=1).tolist()
+    kinds = torch.stack(step_kinds, dim=1).tolist()
+    results = _generations(model, prepared, tokens, kinds)
+    return results if prepared.batched else results[0]
