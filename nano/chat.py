@@ -19,7 +19,8 @@ import torch
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
-_SWITCH = re.compile(r"/no_think|/think|detailed thinking (?:on|off)")
+# `/think` as a word of its own: not the `/think` inside a `</think>` tag, not `/thinking`.
+_SWITCH = re.compile(r"(?<![<\w])/(?:no_)?think(?!\w)|\bdetailed thinking (?:on|off)\b")
 _SYSTEM_ROLES = ("system", "developer")
 
 
@@ -81,7 +82,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.template = template
         if style is None:
-            if "/no_think" in template or "/think" in template:
+            if _SWITCH.search(template.replace("detailed thinking", "")):
                 style = "nano"
             elif "detailed thinking" in template:
                 style = "ultra"
