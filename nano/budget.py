@@ -30,6 +30,7 @@ from .chat import ThinkTokens
 # What each generated token is, per row and step.
 REASONING, ANSWER, CONTROL, END, PAD = 0, 1, 2, 3, 4
 NO_LIMIT = 2**62
+_LINE_END, _EOS = 1, 2  # bits of BudgetController.token_class
 
 
 def default_grace(budget: int) -> int:
@@ -62,10 +63,11 @@ class BudgetController:
         as_long = dict(dtype=torch.long, device=device)
         self.open_id, self.close_id = think.open, think.close
         self.close_sequence = torch.tensor(think.close_sequence, **as_long)
-        self.eos = torch.tensor(think.eos, **as_long)
         self.pad_id = think.eos[0]
-        self.line_end = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self.line_end[line_end_ids[line_end_ids < vocab_size].to(device)] = True
+        # One lookup per step tells whether a token ends a line and whether it ends the turn.
+        self.token_class = torch.zeros(vocab_size, dtype=torch.uint8, device=device)
+        self.token_class[line_end_ids[line_end_ids < vocab_size].to(device)] = _LINE_END
+        self.token_class[torch.tensor(think.eos, **as_long)] |= _EOS
 
         budget = [NO_LIMIT if b is None else b for b in budgets]
         window = [0 if b is None else (default_grace(b) if g is None else g) for b, g in zip(budgets, graces)]
@@ -97,13 +99,14 @@ class BudgetController:
         token = torch.where(self.done, self.pad_id, token)
         live = ~self.done
 
-        is_end = live & ~forcing & torch.isin(token, self.eos)
+        token_class = self.token_class[token]
+        is_end = live & ~forcing & (token_class >= _EOS)
         opens = live & ~self.thinking & (token == self.open_id)
         is_tag = opens | (live & self.thinking & (token == self.close_id))
         reasoning = live & self.thinking & ~forcing & ~is_tag & ~is_end
         self.count += reasoning
         budget_reached = self.count >= self.budget
-        cut = reasoning & budget_reached & (self.line_end[token] | (self.count >= self.limit))
+        cut = reasoning & budget_reached & (((token_class & _LINE_END) > 0) | (self.count >= self.limit))
         reopened_spent = opens & budget_reached
 
         kind = torch.full_like(token, ANSWER)
@@ -112,12 +115,12 @@ class BudgetController:
         kind = torch.where(is_end, END, kind)
         kind = torch.where(self.done, PAD, kind)
 
+        # State is updated in place, so that a captured CUDA graph keeps pointing at it.
         self.thinking ^= is_tag
         step = self.force + 1
-        self.force = torch.where(forcing & (step < self.close_sequence.numel()), step, -1)
         start = cut | reopened_spent
-        self.force = torch.where(start, 0, self.force)
+        self.force.copy_(torch.where(start, 0, torch.where(forcing & (step < self.close_sequence.numel()), step, -1)))
         self.hit |= start
         self.generated += live
-        self.done = self.done | is_end | (self.generated >= self.max_new)
+        self.done |= is_end | (self.generated >= self.max_new)
         return token, kind
