@@ -64,14 +64,15 @@ def make_controller(chat, rows: int, device) -> BudgetController:
 
 
 def captured(controller, logits, sampled, device, fuse: bool = False):
-    """The controller step captured in a CUDA graph (after torch.compile fuses its kernels, with `fuse`)."""
+    """The controller step captured in one CUDA graph; with `fuse`, `advance` is first compiled into
+    fused kernels (the two column writes of `mask_logits` stay as they are: compiled on their own
+    they would copy the whole logits tensor, which inside a compiled decode step they do not)."""
+    advance = torch.compile(controller.advance, fullgraph=True) if fuse else controller.advance
 
     def step():
         controller.mask_logits(logits)
-        controller.advance(sampled)
+        advance(sampled)
 
-    if fuse:
-        step = torch.compile(step, fullgraph=True)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up (and compilation) on a side stream, as capture requires

@@ -243,22 +243,28 @@ class Stream:
     """An iterator of `Event`s; once it is exhausted, `.result` holds what `generate` would have returned."""
 
     def __init__(self, model, prepared: _Prepared, steps: Iterator):
-        self._model, self._prepared, self._steps = model, prepared, steps
         self.result: Generation | list[Generation] | None = None
+        self._events = self._run(model, prepared, steps)
 
-    def __iter__(self) -> Iterator[Event]:
-        rows = len(self._prepared.prompt_ids)
-        texts = [_RowText(self._model.tokenizer, row) for row in range(rows)]
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def _run(self, model, prepared: _Prepared, steps: Iterator) -> Iterator[Event]:
+        rows = len(prepared.prompt_ids)
+        texts = [_RowText(model.tokenizer, row) for row in range(rows)]
         tokens, kinds = [[] for _ in range(rows)], [[] for _ in range(rows)]
-        for step_tokens, step_kinds in self._steps:
+        for step_tokens, step_kinds in steps:
             for row, (token, kind) in enumerate(zip(step_tokens.tolist(), step_kinds.tolist())):
                 tokens[row].append(token)
                 kinds[row].append(kind)
                 yield from texts[row].feed(token, kind)
         for text in texts:
             yield from text.end_run()
-        results = _generations(self._model, self._prepared, tokens, kinds)
-        self.result = results if self._prepared.batched else results[0]
+        results = _generations(model, prepared, tokens, kinds)
+        self.result = results if prepared.batched else results[0]
 
 
 def generate(
