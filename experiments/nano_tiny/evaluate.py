@@ -1,0 +1,126 @@
+"""Accuracy versus thinking budget for nano-tiny models, through `nano.generate` itself.
+
+Fresh problems of the training distribution (a seed the training never uses), asked as users ask
+them; the answer is right when its last \\boxed{N} equals the value. Budget 0 is reasoning off,
+"unlimited" is no budget. Writes a JSON file and a PNG plot.
+
+    python experiments/nano_tiny/evaluate.py --model truncated=nano/models/nano-tiny \\
+        --model control=experiments/nano_tiny/control --problems 500 --out experiments/nano_tiny/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import nano  # noqa: E402
+from nano.arithmetic import boxed, sample  # noqa: E402
+from record import commit, device_name  # noqa: E402
+
+BUDGETS = [0, 4, 8, 16, 32, 64, 128, None]
+
+
+def evaluate(model, problems, budget, batch: int, max_new_tokens: int) -> dict:
+    correct = answered = hits = reasoning = 0
+    start = time.perf_counter()
+    for i in range(0, len(problems), batch):
+        chunk = problems[i : i + batch]
+        out = nano.generate(model, [p.question for p in chunk], budget=budget, max_new_tokens=max_new_tokens)
+        for p, g in zip(chunk, out):
+            value = boxed(g.answer)
+            answered += value is not None
+            correct += value == p.value
+            hits += g.budget_hit
+            reasoning += g.reasoning_tokens
+    n = len(problems)
+    return {
+        "budget": "unlimited" if budget is None else budget,
+        "accuracy": correct / n,
+        "answered": answered / n,
+        "budget_hit": hits / n,
+        "mean_reasoning_tokens": reasoning / n,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def plot(results: dict, path: Path, problems: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    labels = [str(b) if b is not None else "∞" for b in BUDGETS]
+    for name, rows in results.items():
+        ax.plot(range(len(rows)), [100 * r["accuracy"] for r in rows], marker="o", label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("thinking budget (reasoning tokens; 0 = reasoning off, ∞ = no budget)")
+    ax.set_ylabel(f"exact-match accuracy, % ({problems} problems)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("nano-tiny: arithmetic accuracy versus thinking budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", required=True, help="NAME=DIR, once per model")
+    parser.add_argument("--problems", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=20261122, help="problem seed (training uses 0 and 1)")
+    parser.add_argument("--budgets", default=",".join("none" if b is None else str(b) for b in BUDGETS))
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=4096)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.json and accuracy.png")
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    rng = random.Random(args.seed)
+    problems = [sample(rng) for _ in range(args.problems)]
+    budgets = [None if b == "none" else int(b) for b in args.budgets.split(",")]
+    results = {}
+    for spec in args.model:
+        name, folder = spec.split("=", 1)
+        model = nano.load(folder, device=args.device)
+        results[name] = []
+        for budget in budgets:
+            row = evaluate(model, problems, budget, args.batch, args.max_new_tokens)
+            results[name].append(row)
+            print(f"{name:>10} budget {str(row['budget']):>9}: accuracy {100 * row['accuracy']:5.1f}%  "
+                  f"answered {100 * row['answered']:5.1f}%  cut {100 * row['budget_hit']:5.1f}%  "
+                  f"reasoning {row['mean_reasoning_tokens']:7.1f} tokens  ({row['seconds']} s)", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "device": device_name(str(model.device)),
+            "commit": commit(),
+            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "problems": args.problems,
+            "seed": args.seed,
+            "results": results,
+        }
+        (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        if budgets == BUDGETS:
+            plot(results, args.out / "accuracy.png", args.problems)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
