@@ -66,7 +66,7 @@ TINY_CONFIG = dict(
 )
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(model_max_length: int = TINY_CONFIG["max_position_embeddings"]):
     """A byte-level tokenizer with the Nano 2 special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -85,7 +85,7 @@ def tiny_tokenizer():
         eos_token=END_OF_TURN,
         pad_token="<pad>",
         chat_template=CHAT_TEMPLATE,
-        model_max_length=TINY_CONFIG["max_position_embeddings"],
+        model_max_length=model_max_length,
     )
 
 
