@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+# Checkpoints shipped inside the package, by short name.
+SHIPPED = {"nano-tiny": "models/nano-tiny"}
 
 
 class CheckpointError(ValueError):
@@ -151,15 +156,22 @@ def _default_dtype(dtype, device: torch.device, hf_config) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else torch.bfloat16
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder: `path` itself, or a shipped checkpoint's folder for its short name."""
+    if str(path) in SHIPPED and not Path(path).exists():
+        return Path(str(resources.files("nano").joinpath(SHIPPED[str(path)])))
+    return Path(path)
+
+
 def load(path: str | os.PathLike, device=None, dtype=None) -> Model:
-    """Load a NemotronH checkpoint folder.
+    """Load a NemotronH checkpoint folder, or a shipped checkpoint by name ("nano-tiny").
 
     `device` defaults to the GPU when there is one; `dtype` to fp32 on the CPU and the checkpoint's
     own dtype (bf16 for the published models) on a GPU.
     """
     from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
 
-    folder = Path(path)
+    folder = resolve(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder (it does not exist or is a file)")
     config_path = folder / CONFIG

@@ -11,10 +11,10 @@ import sys
 import time
 from importlib.metadata import entry_points
 
-RANDOM_WEIGHTS_NOTICE = (
-    "note: no --model given; using the embedded default, a tiny NemotronH checkpoint with RANDOM "
-    "weights built on the spot ({path}). Its text is noise; the budget controller, the chat format "
-    "and the token accounting are real."
+DEFAULT_MODEL = "nano-tiny"
+DEFAULT_NOTICE = (
+    "note: no --model given; using nano-tiny, the 4.5M-parameter NemotronH hybrid shipped with nanokit, "
+    "trained to reason about integer arithmetic (+ - *) and nothing else."
 )
 
 
@@ -54,16 +54,13 @@ def _summary(gen, budget, grace, seconds: float) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import nano
-    from nano.tiny import default_checkpoint
 
     _quiet_transformers()
     out, err = sys.stdout, sys.stderr
     style = _Style(out.isatty())
-    path = args.model
-    if path is None:
-        path = default_checkpoint()
-        print(RANDOM_WEIGHTS_NOTICE.format(path=path), file=err)
-    model = nano.load(path, device=args.device)
+    if args.model is None:
+        print(DEFAULT_NOTICE, file=err)
+    model = nano.load(args.model or DEFAULT_MODEL, device=args.device)
     print(f"runtime: {model.decoder().name} on {model.device}, {str(model.dtype).removeprefix('torch.')}", file=err)
 
     kwargs = dict(
@@ -121,7 +118,7 @@ def add_generate(sub) -> None:
         "follows in the same pass.",
     )
     p.add_argument("prompt", help="the user's message")
-    p.add_argument("--model", help="checkpoint folder (default: a tiny random-weight checkpoint)")
+    p.add_argument("--model", help="checkpoint folder, or a shipped model's name (default: nano-tiny)")
     p.add_argument("--budget", type=_non_negative, help="reasoning tokens allowed (0: reasoning off; default: no limit)")
     p.add_argument("--grace", type=_non_negative, help="tokens allowed past the budget to finish a line (default: 10%% of it, at least 1)")
     p.add_argument("--no-think", action="store_true", help="turn reasoning off")

@@ -1,4 +1,4 @@
-"""Tiny NemotronH checkpoints built on the spot: for tests, and the default until a trained one ships.
+"""Tiny NemotronH checkpoints built on the spot (for tests), and the tokenizer nano-tiny uses.
 
 The tokenizer is byte-level (every text encodes, every id decodes) with the special tokens of the
 Nano 2 chat format; the chat template follows Nano 2's. The model has all three layer kinds in a
@@ -112,11 +112,3 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, overwrite: boo
         model.save_pretrained(tmp)
         tiny_tokenizer().save_pretrained(tmp)
     return Path(path)
-
-
-def default_checkpoint() -> Path:
-    """The embedded default: the tiny random checkpoint, built once into the user's cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanokit" / "tiny-random-v1"
-    if not (cache / "config.json").exists():
-        build_tiny_checkpoint(cache, overwrite=cache.exists())
-    return cache

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import nano  # noqa: E402
 from nano.arithmetic import boxed, sample  # noqa: E402
+from nano.budget import default_grace  # noqa: E402
 from record import commit, device_name  # noqa: E402
 
 BUDGETS = [0, 4, 8, 16, 32, 64, 128, None]
@@ -33,6 +34,8 @@ BUDGETS = [0, 4, 8, 16, 32, 64, 128, None]
 
 def evaluate(model, problems, budget, batch: int, max_new_tokens: int) -> dict:
     correct = answered = hits = reasoning = 0
+    if budget is not None:  # room for the reasoning, the forced close and a 20-token answer, with margin
+        max_new_tokens = min(max_new_tokens, budget + default_grace(budget) + 64)
     start = time.perf_counter()
     for i in range(0, len(problems), batch):
         chunk = problems[i : i + batch]
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=4096)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", help="weights are stored in bf16; fp32 is what the CPU runs")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and accuracy.png")
     args = parser.parse_args()
 
@@ -97,7 +101,7 @@ def main() -> None:
     results = {}
     for spec in args.model:
         name, folder = spec.split("=", 1)
-        model = nano.load(folder, device=args.device)
+        model = nano.load(folder, device=args.device, dtype=args.dtype)
         results[name] = []
         for budget in budgets:
             row = evaluate(model, problems, budget, args.batch, args.max_new_tokens)
@@ -112,6 +116,7 @@ def main() -> None:
             "commit": commit(),
             "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "dtype": args.dtype,
             "problems": args.problems,
             "seed": args.seed,
             "results": results,
