@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import random
 import shlex
 import sys
@@ -33,7 +34,8 @@ BUDGETS = [0, 4, 8, 16, 32, 64, 128, None]
 
 
 def evaluate(model, problems, budget, batch: int, max_new_tokens: int) -> dict:
-    correct = answered = hits = reasoning = 0
+    answered = hits = reasoning = 0
+    right = []
     if budget is not None:  # room for the reasoning, the forced close and a 20-token answer, with margin
         max_new_tokens = min(max_new_tokens, budget + default_grace(budget) + 64)
     start = time.perf_counter()
@@ -43,18 +45,29 @@ def evaluate(model, problems, budget, batch: int, max_new_tokens: int) -> dict:
         for p, g in zip(chunk, out):
             value = boxed(g.answer)
             answered += value is not None
-            correct += value == p.value
+            right.append(value == p.value)
             hits += g.budget_hit
             reasoning += g.reasoning_tokens
     n = len(problems)
     return {
         "budget": "unlimited" if budget is None else budget,
-        "accuracy": correct / n,
+        "accuracy": sum(right) / n,
         "answered": answered / n,
         "budget_hit": hits / n,
         "mean_reasoning_tokens": reasoning / n,
         "seconds": round(time.perf_counter() - start, 1),
+        "right": "".join("1" if r else "0" for r in right),  # per problem, for paired comparisons
     }
+
+
+def mcnemar(a: str, b: str) -> dict:
+    """Paired comparison of two models on the same problems: who alone got each one right, and the
+    exact two-sided p-value that the two are equally good (a binomial test on the discordant pairs)."""
+    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"only_first_right": only_a, "only_second_right": only_b, "p_value": round(p, 4)}
 
 
 def plot(results: dict, path: Path, problems: int) -> None:
@@ -63,17 +76,21 @@ def plot(results: dict, path: Path, problems: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (acc, ans) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = [str(b) if b is not None else "∞" for b in BUDGETS]
     for name, rows in results.items():
-        ax.plot(range(len(rows)), [100 * r["accuracy"] for r in rows], marker="o", label=name)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel("thinking budget (reasoning tokens; 0 = reasoning off, ∞ = no budget)")
-    ax.set_ylabel(f"exact-match accuracy, % ({problems} problems)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("nano-tiny: arithmetic accuracy versus thinking budget")
+        acc.plot(range(len(rows)), [100 * r["accuracy"] for r in rows], marker="o", label=name)
+        ans.plot(range(len(rows)), [100 * r["answered"] for r in rows], marker="o", label=name)
+    for ax, what in ((acc, "exact-match accuracy"), (ans, "responses with a \\boxed{} answer")):
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("thinking budget (tokens; 0 = reasoning off, ∞ = none)")
+        ax.set_ylabel(f"{what}, % of {problems}")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    acc.set_title("accuracy versus budget")
+    ans.set_title("well-formed answers versus budget")
+    fig.suptitle("nano-tiny on fresh arithmetic problems, through nano.generate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -106,9 +123,17 @@ def main() -> None:
         for budget in budgets:
             row = evaluate(model, problems, budget, args.batch, args.max_new_tokens)
             results[name].append(row)
-            print(f"{name:>10} budget {str(row['budget']):>9}: accuracy {100 * row['accuracy']:5.1f}%  "
+            print(f"{name:>17} budget {str(row['budget']):>9}: accuracy {100 * row['accuracy']:5.1f}%  "
                   f"answered {100 * row['answered']:5.1f}%  cut {100 * row['budget_hit']:5.1f}%  "
                   f"reasoning {row['mean_reasoning_tokens']:7.1f} tokens  ({row['seconds']} s)", flush=True)
+    paired = {}
+    if len(results) == 2:
+        (first, a), (second, b) = results.items()
+        for row_a, row_b in zip(a, b):
+            paired[str(row_a["budget"])] = mcnemar(row_a["right"], row_b["right"])
+            print(f"budget {str(row_a['budget']):>9}: {first} alone right {paired[str(row_a['budget'])]['only_first_right']:3d}, "
+                  f"{second} alone right {paired[str(row_a['budget'])]['only_second_right']:3d}, "
+                  f"p = {paired[str(row_a['budget'])]['p_value']}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         record = {
@@ -120,6 +145,7 @@ def main() -> None:
             "problems": args.problems,
             "seed": args.seed,
             "results": results,
+            "paired": paired,
         }
         (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         if budgets == BUDGETS:
