@@ -34,7 +34,7 @@ BUDGETS = [0, 4, 8, 16, 32, 64, 128, None]
 
 
 def evaluate(model, problems, budget, batch: int, max_new_tokens: int) -> dict:
-    answered = hits = reasoning = 0
+    answered = hits = reasoning = answer_tokens = 0
     right = []
     if budget is not None:  # room for the reasoning, the forced close and a 20-token answer, with margin
         max_new_tokens = min(max_new_tokens, budget + default_grace(budget) + 64)
@@ -48,6 +48,7 @@ def evaluate(model, problems, budget, batch: int, max_new_tokens: int) -> dict:
             right.append(value == p.value)
             hits += g.budget_hit
             reasoning += g.reasoning_tokens
+            answer_tokens += g.answer_tokens
     n = len(problems)
     return {
         "budget": "unlimited" if budget is None else budget,
@@ -55,6 +56,7 @@ def evaluate(model, problems, budget, batch: int, max_new_tokens: int) -> dict:
         "answered": answered / n,
         "budget_hit": hits / n,
         "mean_reasoning_tokens": reasoning / n,
+        "mean_answer_tokens": answer_tokens / n,
         "seconds": round(time.perf_counter() - start, 1),
         "right": "".join("1" if r else "0" for r in right),  # per problem, for paired comparisons
     }
@@ -76,20 +78,26 @@ def plot(results: dict, path: Path, problems: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, ans) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (acc, ans, length) = plt.subplots(1, 3, figsize=(15, 4.2))
     labels = [str(b) if b is not None else "∞" for b in BUDGETS]
-    for name, rows in results.items():
-        acc.plot(range(len(rows)), [100 * r["accuracy"] for r in rows], marker="o", label=name)
-        ans.plot(range(len(rows)), [100 * r["answered"] for r in rows], marker="o", label=name)
-    for ax, what in ((acc, "exact-match accuracy"), (ans, "responses with a \\boxed{} answer")):
+    panels = (
+        (acc, "accuracy", "exact-match accuracy, %", 100),
+        (ans, "answered", "responses with a \\boxed{} answer, %", 100),
+        (length, "mean_answer_tokens", "tokens after </think> (mean)", 1),
+    )
+    for ax, key, what, scale in panels:
+        for name, rows in results.items():
+            ax.plot(range(len(rows)), [scale * r[key] for r in rows], marker="o", label=name)
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel("thinking budget (tokens; 0 = reasoning off, ∞ = none)")
-        ax.set_ylabel(f"{what}, % of {problems}")
-        ax.set_ylim(0, 102)
+        ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend()
-    acc.set_title("accuracy versus budget")
-    ans.set_title("well-formed answers versus budget")
+    acc.set_ylim(0, 102)
+    ans.set_ylim(0, 102)
+    acc.set_title(f"accuracy ({problems} problems)")
+    ans.set_title("well-formed answers")
+    length.set_title("answer length: work done after the cut")
     fig.suptitle("nano-tiny on fresh arithmetic problems, through nano.generate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -125,7 +133,8 @@ def main() -> None:
             results[name].append(row)
             print(f"{name:>17} budget {str(row['budget']):>9}: accuracy {100 * row['accuracy']:5.1f}%  "
                   f"answered {100 * row['answered']:5.1f}%  cut {100 * row['budget_hit']:5.1f}%  "
-                  f"reasoning {row['mean_reasoning_tokens']:7.1f} tokens  ({row['seconds']} s)", flush=True)
+                  f"reasoning {row['mean_reasoning_tokens']:7.1f} tokens  answer {row['mean_answer_tokens']:6.1f} tokens  "
+                  f"({row['seconds']} s)", flush=True)
     paired = {}
     if len(results) == 2:
         (first, a), (second, b) = results.items()
