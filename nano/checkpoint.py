@@ -19,8 +19,9 @@ from safetensors import safe_open
 
 from .atomic import atomic_dir
 from .chat import ChatFormat
-from .config import ConfigError, check_supported
+from .config import ConfigError, check_supported, context_length
 from .reference import ReferenceDecoder
+from .runtime import HybridRuntime
 
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -45,6 +46,7 @@ class Model:
     config: object
     chat: ChatFormat
     path: Path | None = None
+    runtime: str = "auto"  # "fast" (nano.runtime), "reference" (transformers), or "auto": fast on a GPU
 
     @property
     def device(self) -> torch.device:
@@ -54,9 +56,25 @@ class Model:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def decoder(self) -> ReferenceDecoder:
-        """A fresh decoder for one generation."""
+    def _fast(self) -> bool:
+        if self.runtime not in ("auto", "fast", "reference"):
+            raise ValueError(f"runtime must be 'auto', 'fast' or 'reference', got {self.runtime!r}")
+        return self.runtime == "fast" or (self.runtime == "auto" and self.device.type == "cuda")
+
+    def decoder(self, rows: int = 1, capacity: int | None = None):
+        """A fresh decoder for one generation of `rows` sequences of up to `capacity` tokens."""
+        if self._fast():
+            return HybridRuntime(self.model, rows, capacity or context_length(self.config))
         return ReferenceDecoder(self.model)
+
+    def runtime_name(self) -> str:
+        """What `decoder` would run, in words, without allocating anything."""
+        if self._fast():
+            from .kernels import select_kernels
+
+            graphs = "; decode step in a CUDA graph" if self.device.type == "cuda" else ""
+            return f"fast ({select_kernels(self.device).name}{graphs})"
+        return ReferenceDecoder.name
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a checkpoint folder that `nano.load` and `from_pretrained` read; all or nothing."""

@@ -61,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model is None:
         print(DEFAULT_NOTICE, file=err)
     model = nano.load(args.model or DEFAULT_MODEL, device=args.device)
-    print(f"runtime: {model.decoder().name} on {model.device}, {str(model.dtype).removeprefix('torch.')}", file=err)
+    print(f"runtime: {model.runtime_name()} on {model.device}, {str(model.dtype).removeprefix('torch.')}", file=err)
 
     kwargs = dict(
         budget=args.budget,

@@ -158,17 +158,26 @@ def _decode_steps(model, prepared: _Prepared, temperature, top_p, seed) -> Itera
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     decodable = len(model.tokenizer)  # ids past the tokenizer's vocabulary are padding rows of the head
-    decoder = model.decoder()
     input_ids, mask = _left_pad(prepared.prompt_ids, controller.pad_id, device)
-    logits = decoder.prefill(input_ids, mask)
-    for _ in range(prepared.max_steps):
+    decoder = model.decoder(rows=input_ids.shape[0], capacity=input_ids.shape[1] + prepared.max_steps)
+
+    def choose(logits):
         logits[:, decodable:] = float("-inf")
         controller.mask_logits(logits)
-        tokens, kinds = controller.advance(sample(logits, temperature, top_p, generator))
-        yield tokens, kinds
+        return controller.advance(sample(logits, temperature, top_p, generator))
+
+    def step(tokens):
+        return choose(decoder.step(tokens))
+
+    if hasattr(decoder, "graphed"):  # the runtime captures model, controller and sampler in one graph
+        step = decoder.graphed(step, generator)
+    tokens, kinds = choose(decoder.prefill(input_ids, mask))
+    yield tokens, kinds
+    for _ in range(prepared.max_steps - 1):
         if bool(controller.done.all()):
             return
-        logits = decoder.step(tokens)
+        tokens, kinds = step(tokens)
+        yield tokens, kinds
 
 
 def _runs(tokens: Sequence[int], kinds: Sequence[int], kind: int) -> list[list[int]]:

@@ -73,7 +73,7 @@ class ScriptedModel:
         self.prefills = 0
         self.steps = 0
 
-    def decoder(self) -> ScriptedDecoder:
+    def decoder(self, rows: int = 1, capacity: int | None = None) -> ScriptedDecoder:
         return ScriptedDecoder(self)
 
     def generate(self, prompt="Q?", **kwargs):

@@ -1,0 +1,250 @@
+"""The fast runtime for NemotronH: static caches, chunked prefill, and a decode step replayed from a CUDA graph.
+
+It runs the weights of a transformers `NemotronHForCausalLM` (no copy) with its own forward:
+- caches allocated once per generation: K and V for the attention layers only, the conv window
+  and the SSM state (fp32 by default, as NVIDIA requires for accuracy) for the Mamba layers;
+- prefill in chunks of `prefill_chunk` tokens through all layers, carrying the Mamba states and
+  filling the KV cache, so activations stay the size of one chunk whatever the prompt's length;
+- mamba-ssm's Triton kernels for the chunk scan, the one-step state update and the fused norms
+  (`nano.kernels`), their PyTorch twins where those are missing;
+- on a GPU the whole decode step, with whatever the caller adds to it (the budget controller and
+  the sampler in `nano.generate`), captured once in a CUDA graph and replayed per token.
+
+The forward follows transformers' `NemotronHForCausalLM` step for step, including its choices:
+the time step is clamped at `time_step_min` in the chunked scan and not in the one-step update.
+Rows of a batch are left-padded: padded positions are masked in attention and zeroed at the
+Mamba layers' inputs, as transformers does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import Kernels, select_kernels
+
+try:
+    from torch.nn.attention.bias import causal_lower_right
+except ImportError:  # older torch: chunks after the first fall back to an explicit mask
+    causal_lower_right = None
+
+
+class HybridRuntime:
+    """A decoder (`prefill`, then `step` per token) for `rows` sequences of up to `capacity` tokens."""
+
+    def __init__(
+        self,
+        model,
+        rows: int,
+        capacity: int,
+        prefill_chunk: int = 4096,
+        ssm_dtype: torch.dtype = torch.float32,
+        kernels: Kernels | None = None,
+        graphs: bool | None = None,
+    ):
+        config = model.config
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.kernels = kernels or select_kernels(self.device)
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.rows, self.capacity, self.prefill_chunk = rows, capacity, prefill_chunk
+        self.eps = config.layer_norm_epsilon
+        self.pattern = config.hybrid_override_pattern
+        if set(self.pattern) - set("M*-"):
+            raise ValueError(f"the fast runtime runs Mamba, attention and MLP layers; pattern {self.pattern!r} has others")
+        self.layers = model.model.layers
+        self.caches: list[dict[str, torch.Tensor]] = []
+        for kind, layer in zip(self.pattern, self.layers):
+            mixer = layer.mixer
+            if kind == "M":
+                conv_dim = mixer.conv1d.weight.shape[0]
+                self.caches.append({
+                    "conv": torch.zeros(rows, conv_dim, mixer.conv_kernel_size - 1, dtype=self.dtype, device=self.device),
+                    "ssm": torch.zeros(rows, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, dtype=ssm_dtype, device=self.device),
+                })
+            elif kind == "*":
+                shape = (rows, config.num_key_value_heads, capacity, mixer.head_dim)
+                self.caches.append({
+                    "k": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                    "v": torch.zeros(shape, dtype=self.dtype, device=self.device),
+                })
+            else:
+                self.caches.append({})
+        self.position = torch.zeros((), dtype=torch.long, device=self.device)  # where the next token goes
+        self.start = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's first real token
+        self.padded = False
+        self.name = f"fast ({self.kernels.name}{'; decode step in a CUDA graph' if self.graphs else ''})"
+
+    # The layers.
+
+    def _mamba(self, x, mixer, cache, keep=None):
+        """A Mamba2 mixer over x (rows, T, hidden); `keep` (rows, T) zeroes padded positions."""
+        rows, length, _ = x.shape
+        heads, p, n, groups = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, mixer.n_groups
+        inner = heads * p
+        if keep is not None:
+            x = x * keep[..., None].to(x.dtype)
+        z, xbc, dt = F.linear(x, mixer.in_proj.weight, mixer.in_proj.bias).split(
+            [inner, mixer.conv_dim, heads], dim=-1
+        )
+        A = -torch.exp(mixer.A_log.float())
+        conv_weight = mixer.conv1d.weight  # (channels, 1, kernel)
+        window = torch.cat([cache["conv"], xbc.transpose(1, 2)], dim=2)
+        cache["conv"].copy_(window[:, :, 1 - mixer.conv_kernel_size :])
+        if length == 1:
+            conv = (window.float() * conv_weight[:, 0].float()).sum(-1)
+            if mixer.conv1d.bias is not None:
+                conv = conv + mixer.conv1d.bias.float()
+            xbc = F.silu(conv).to(x.dtype)[:, None]
+        else:
+            xbc = F.silu(F.conv1d(window, conv_weight, mixer.conv1d.bias, groups=mixer.conv_dim)).transpose(1, 2)
+            if keep is not None:
+                xbc = xbc * keep[..., None].to(xbc.dtype)
+        xs, B, C = xbc.split([inner, groups * n, groups * n], dim=-1)
+        if length == 1:
+            y = self.kernels.state_update(
+                cache["ssm"], xs.reshape(rows, heads, p), dt[:, 0], A, B.reshape(rows, groups, n),
+                C.reshape(rows, groups, n), mixer.D, mixer.dt_bias,
+            )
+        else:
+            y, final = self.kernels.chunk_scan(
+                xs.reshape(rows, length, heads, p), dt, A, B.reshape(rows, length, groups, n),
+                C.reshape(rows, length, groups, n), mixer.D, mixer.dt_bias, cache["ssm"],
+                dt_limit=tuple(getattr(mixer, "time_step_limit", (0.0, math.inf))), chunk_size=mixer.chunk_size,
+            )
+            cache["ssm"].copy_(final)
+        y = self.kernels.gated_rms_norm(
+            y.reshape(rows, length, inner), z, mixer.norm.weight, mixer.norm.variance_epsilon, inner // groups
+        )
+        return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias)
+
+    def _attention(self, x, attn, cache, begin: int | None):
+        """GQA attention over the cache; `begin` is the chunk's first position (None: one decode token)."""
+        rows, length, _ = x.shape
+        d, kv = attn.head_dim, cache["k"].shape[1]
+        heads = attn.q_proj.weight.shape[0] // d
+        q = F.linear(x, attn.q_proj.weight).view(rows, length, heads, d).transpose(1, 2)
+        k = F.linear(x, attn.k_proj.weight).view(rows, length, kv, d).transpose(1, 2)
+        v = F.linear(x, attn.v_proj.weight).view(rows, length, kv, d).transpose(1, 2)
+        if begin is None:
+            index = self.position.view(1)
+            cache["k"].index_copy_(2, index, k)
+            cache["v"].index_copy_(2, index, v)
+            slots = torch.arange(self.capacity, device=x.device)
+            valid = (slots[None, :] >= self.start[:, None]) & (slots[None, :] <= self.position)
+            # The query heads sharing a KV head attend as a group: no copy of the cache per query head.
+            out = F.scaled_dot_product_attention(
+                q.reshape(rows, kv, heads // kv, d), cache["k"], cache["v"], attn_mask=valid[:, None, None, :]
+            )
+            out = out.reshape(rows, 1, heads * d)
+        else:
+            end = begin + length
+            cache["k"][:, :, begin:end] = k
+            cache["v"][:, :, begin:end] = v
+            keys, values = cache["k"][:, :, :end], cache["v"][:, :, :end]
+            if self.padded or (begin > 0 and causal_lower_right is None):
+                key_pos = torch.arange(end, device=x.device)
+                query_pos = torch.arange(begin, end, device=x.device)
+                mask = (key_pos[None, :] <= query_pos[:, None])[None] & (key_pos[None, None, :] >= self.start[:, None, None])
+                mask |= key_pos[None, None, :] == query_pos[None, :, None]  # padded queries see themselves: no NaN
+                group = heads // kv
+                out = F.scaled_dot_product_attention(
+                    q, keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1), attn_mask=mask[:, None]
+                )
+            elif begin == 0:
+                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=causal_lower_right(length, end), enable_gqa=True
+                )
+            out = out.transpose(1, 2).reshape(rows, length, heads * d)
+        return F.linear(out, attn.o_proj.weight)
+
+    @staticmethod
+    def _mlp(x, mlp):
+        return F.linear(torch.relu(F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)).square(), mlp.down_proj.weight, mlp.down_proj.bias)
+
+    def _forward(self, hidden, begin: int | None, keep=None):
+        """All layers over hidden (rows, T, hidden); returns the final-normed last position (rows, hidden)."""
+        residual, out = None, hidden
+        for kind, layer, cache in zip(self.pattern, self.layers, self.caches):
+            normed, residual = self.kernels.rms_norm(out, layer.norm.weight, self.eps, residual=residual)
+            if kind == "M":
+                out = self._mamba(normed, layer.mixer, cache, keep)
+            elif kind == "*":
+                out = self._attention(normed, layer.mixer, cache, begin)
+            else:
+                out = self._mlp(normed, layer.mixer)
+        last = slice(-1, None)
+        normed, _ = self.kernels.rms_norm(
+            out[:, last], self.model.model.norm_f.weight, self.eps, residual=residual[:, last]
+        )
+        return normed[:, 0]
+
+    def _logits(self, normed):
+        return F.linear(normed, self.model.lm_head.weight).float()
+
+    # The decoder interface.
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        rows, width = input_ids.shape
+        if rows != self.rows or width >= self.capacity:
+            raise ValueError(f"prefill of {rows} x {width} tokens does not fit {self.rows} rows x {self.capacity}")
+        self.start.copy_(width - attention_mask.sum(dim=1))
+        self.padded = bool((self.start > 0).any())
+        embeddings = self.model.model.embeddings
+        for begin in range(0, width, self.prefill_chunk):
+            end = min(begin + self.prefill_chunk, width)
+            keep = attention_mask[:, begin:end] if self.padded else None
+            normed = self._forward(embeddings(input_ids[:, begin:end]), begin, keep)
+        self.position.fill_(width)
+        return self._logits(normed)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        normed = self._forward(self.model.model.embeddings(tokens)[:, None], None)
+        self.position += 1
+        return self._logits(normed)
+
+    def graphed(self, step, generator=None):
+        """`step` (tokens -> outputs, calling `self.step` inside) replayed from a CUDA graph.
+
+        The first calls run eagerly (compiling Triton kernels and warming up libraries); the next
+        one is captured and every call after replays it. Each call is a real step. Without graphs
+        (on the CPU), `step` itself.
+        """
+        if not self.graphs:
+            return step
+        return _GraphedStep(step, self.device, generator)
+
+
+class _GraphedStep:
+    def __init__(self, step, device, generator=None, eager_calls: int = 2):
+        self.step, self.device, self.generator, self.eager_calls = step, device, generator, eager_calls
+        self.graph = None
+
+    @torch.no_grad()
+    def __call__(self, tokens):
+        if self.graph is None:
+            if self.eager_calls > 0:
+                self.eager_calls -= 1
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    out = self.step(tokens)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                return out
+            self.tokens = tokens.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            if self.generator is not None:
+                self.graph.register_generator_state(self.generator)
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(self.tokens)
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        # The graph's outputs are overwritten by the next replay: hand out copies.
+        return self.out.clone() if isinstance(self.out, torch.Tensor) else tuple(t.clone() for t in self.out)

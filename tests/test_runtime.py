@@ -1,0 +1,152 @@
+"""The fast runtime and its kernels against their slow twins and transformers' reference, on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import nano
+from nano.kernels import (
+    chunk_scan_sequential,
+    chunk_scan_torch,
+    gated_rms_norm_torch,
+    load_mamba_ssm,
+    rms_norm_torch,
+    state_update_torch,
+)
+from nano.runtime import HybridRuntime
+
+
+def scan_inputs(rows=2, length=37, heads=4, p=8, groups=2, n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(
+        x=r(rows, length, heads, p),
+        dt=r(rows, length, heads) - 2,
+        A=-torch.rand(heads, generator=g) * 4,
+        B=r(rows, length, groups, n),
+        C=r(rows, length, groups, n),
+        D=r(heads),
+        dt_bias=r(heads) * 0.5,
+        initial_state=r(rows, heads, p, n),
+    )
+
+
+@pytest.mark.parametrize("length, chunk", [(1, 8), (8, 8), (37, 8), (37, 64), (100, 16)])
+@pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, math.inf)])
+def test_chunked_scan_matches_the_sequential_scan(length, chunk, dt_limit):
+    inputs = scan_inputs(length=length)
+    y_slow, state_slow = chunk_scan_sequential(**inputs, dt_limit=dt_limit)
+    y_fast, state_fast = chunk_scan_torch(**inputs, dt_limit=dt_limit, chunk_size=chunk)
+    torch.testing.assert_close(y_fast, y_slow, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state_fast, state_slow, rtol=1e-4, atol=1e-4)
+
+
+def test_one_step_update_is_one_step_of_the_scan():
+    inputs = scan_inputs(length=1)
+    y_scan, state_scan = chunk_scan_sequential(**inputs)
+    state = inputs["initial_state"].clone()
+    y = state_update_torch(state, inputs["x"][:, 0], inputs["dt"][:, 0], inputs["A"], inputs["B"][:, 0], inputs["C"][:, 0], inputs["D"], inputs["dt_bias"])
+    torch.testing.assert_close(y, y_scan[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_scan, rtol=1e-5, atol=1e-5)
+
+
+def test_norms_match_transformers_modules(tiny):
+    layer = tiny.model.model.layers[0]
+    x = torch.randn(3, 5, tiny.config.hidden_size)
+    normed, summed = rms_norm_torch(x, layer.norm.weight, tiny.config.layer_norm_epsilon, residual=x)
+    torch.testing.assert_close(normed, layer.norm(2 * x))
+    torch.testing.assert_close(summed, 2 * x)
+    mixer = layer.mixer
+    inner = mixer.num_heads * mixer.head_dim
+    y, z = torch.randn(3, 5, inner), torch.randn(3, 5, inner)
+    torch.testing.assert_close(
+        gated_rms_norm_torch(y, z, mixer.norm.weight, mixer.norm.variance_epsilon, inner // mixer.n_groups), mixer.norm(y, z)
+    )
+
+
+def prompt_batch(model, texts):
+    ids = [model.chat.encode(model.chat.render(t)[0]) for t in texts]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), 3)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, row_ids in enumerate(ids):
+        input_ids[row, width - len(row_ids) :] = torch.tensor(row_ids)
+        mask[row, width - len(row_ids) :] = 1
+    return input_ids, mask
+
+
+@pytest.mark.parametrize("chunk", [7, 4096])
+@pytest.mark.parametrize("texts", [["What is 2 + 2? Please explain in detail."], ["hi", "What is 2 + 2? Please explain in detail.", "x"]])
+def test_prefill_and_64_decode_steps_match_the_reference(tiny, chunk, texts):
+    input_ids, mask = prompt_batch(tiny, texts)
+    reference = tiny.decoder()  # transformers' forward and cache
+    fast = HybridRuntime(tiny.model, len(texts), input_ids.shape[1] + 64, prefill_chunk=chunk)
+    torch.testing.assert_close(fast.prefill(input_ids, mask), reference.prefill(input_ids, mask), rtol=1e-4, atol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        tokens = torch.randint(11, 260, (len(texts),), generator=g)
+        torch.testing.assert_close(fast.step(tokens), reference.step(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_the_fast_runtime_equals_the_reference(tiny_dir):
+    prompts = ["What is 12 * 7?", "Tell me about hybrid models, in some detail.", "hi"]
+    fast = nano.load(tiny_dir)
+    fast.runtime = "fast"
+    reference = nano.load(tiny_dir)
+    assert reference.runtime_name() == "reference (transformers)"
+    assert fast.runtime_name().startswith("fast (PyTorch")
+    kwargs = dict(budget=[5, None, 0], max_new_tokens=40)
+    assert nano.generate(fast, prompts, **kwargs) == nano.generate(reference, prompts, **kwargs)
+    stream = nano.generate(fast, prompts[1], budget=8, max_new_tokens=30, stream=True)
+    list(stream)
+    assert stream.result == nano.generate(reference, prompts[1], budget=8, max_new_tokens=30)
+
+
+def test_capacity_is_checked(tiny):
+    runtime = HybridRuntime(tiny.model, 1, 8)
+    with pytest.raises(ValueError, match="does not fit 1 rows x 8"):
+        runtime.prefill(torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long))
+
+
+def test_unknown_runtime_is_refused(tiny_dir):
+    model = nano.load(tiny_dir)
+    model.runtime = "turbo"
+    with pytest.raises(ValueError, match="runtime must be 'auto', 'fast' or 'reference', got 'turbo'"):
+        nano.generate(model, "hi")
+
+
+def test_mamba_ssm_loads_without_its_package_init(tmp_path, monkeypatch):
+    # A stand-in for the pure-Python wheel: an __init__ that needs compiled code, Triton modules that do not.
+    package = tmp_path / "mamba_ssm"
+    (package / "ops" / "triton").mkdir(parents=True)
+    (package / "__init__.py").write_text("import selective_scan_cuda\n")
+    (package / "ops" / "__init__.py").write_text("")
+    (package / "ops" / "triton" / "__init__.py").write_text("")
+    for module, function in [
+        ("ssd_combined", "mamba_chunk_scan_combined"),
+        ("selective_state_update", "selective_state_update"),
+        ("layer_norm", "rms_norm_fn"),
+        ("layernorm_gated", "rmsnorm_fn"),
+    ]:
+        (package / "ops" / "triton" / f"{module}.py").write_text(textwrap.dedent(f"def {function}(*a, **k):\n    return '{module}'\n"))
+    (tmp_path / "mamba_ssm-2.3.2.post1.dist-info").mkdir()
+    (tmp_path / "mamba_ssm-2.3.2.post1.dist-info" / "METADATA").write_text("Name: mamba-ssm\nVersion: 2.3.2.post1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="selective_scan_cuda"):
+        import mamba_ssm  # noqa: F401  (what transformers runs into)
+    sys.modules.pop("mamba_ssm", None)
+    kernels, reason = load_mamba_ssm()
+    assert reason == "mamba-ssm 2.3.2.post1"
+    assert kernels["chunk_scan"]() == "ssd_combined" and kernels["state_update"]() == "selective_state_update"
+    assert not [name for name in sys.modules if name.startswith("mamba_ssm")], "sys.modules left as it was"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is not None, reason="mamba-ssm is installed here")
+def test_without_mamba_ssm_the_reason_is_given():
+    assert load_mamba_ssm() == (None, "mamba-ssm is not installed")
