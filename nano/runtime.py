@@ -64,6 +64,7 @@ class HybridRuntime:
                 self.caches.append({
                     "conv": torch.zeros(rows, conv_dim, mixer.conv_kernel_size - 1, dtype=self.dtype, device=self.device),
                     "ssm": torch.zeros(rows, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, dtype=ssm_dtype, device=self.device),
+                    "A": -torch.exp(mixer.A_log.detach().float()),  # computed once, not per token
                 })
             elif kind == "*":
                 shape = (rows, config.num_key_value_heads, capacity, mixer.head_dim)
@@ -90,19 +91,12 @@ class HybridRuntime:
         z, xbc, dt = F.linear(x, mixer.in_proj.weight, mixer.in_proj.bias).split(
             [inner, mixer.conv_dim, heads], dim=-1
         )
-        A = -torch.exp(mixer.A_log.float())
-        conv_weight = mixer.conv1d.weight  # (channels, 1, kernel)
+        A = cache["A"]
         window = torch.cat([cache["conv"], xbc.transpose(1, 2)], dim=2)
         cache["conv"].copy_(window[:, :, 1 - mixer.conv_kernel_size :])
-        if length == 1:
-            conv = (window.float() * conv_weight[:, 0].float()).sum(-1)
-            if mixer.conv1d.bias is not None:
-                conv = conv + mixer.conv1d.bias.float()
-            xbc = F.silu(conv).to(x.dtype)[:, None]
-        else:
-            xbc = F.silu(F.conv1d(window, conv_weight, mixer.conv1d.bias, groups=mixer.conv_dim)).transpose(1, 2)
-            if keep is not None:
-                xbc = xbc * keep[..., None].to(xbc.dtype)
+        xbc = F.silu(F.conv1d(window, mixer.conv1d.weight, mixer.conv1d.bias, groups=mixer.conv_dim)).transpose(1, 2)
+        if keep is not None:
+            xbc = xbc * keep[..., None].to(xbc.dtype)
         xs, B, C = xbc.split([inner, groups * n, groups * n], dim=-1)
         if length == 1:
             y = self.kernels.state_update(
@@ -121,8 +115,9 @@ class HybridRuntime:
         )
         return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias)
 
-    def _attention(self, x, attn, cache, begin: int | None):
-        """GQA attention over the cache; `begin` is the chunk's first position (None: one decode token)."""
+    def _attention(self, x, attn, cache, begin: int | None, valid=None):
+        """GQA attention over the cache; `begin` is the chunk's first position (None: one decode token,
+        with `valid` (rows, capacity) marking the cache slots it may attend to)."""
         rows, length, _ = x.shape
         d, kv = attn.head_dim, cache["k"].shape[1]
         heads = attn.q_proj.weight.shape[0] // d
@@ -133,8 +128,6 @@ class HybridRuntime:
             index = self.position.view(1)
             cache["k"].index_copy_(2, index, k)
             cache["v"].index_copy_(2, index, v)
-            slots = torch.arange(self.capacity, device=x.device)
-            valid = (slots[None, :] >= self.start[:, None]) & (slots[None, :] <= self.position)
             # The query heads sharing a KV head attend as a group: no copy of the cache per query head.
             out = F.scaled_dot_product_attention(
                 q.reshape(rows, kv, heads // kv, d), cache["k"], cache["v"], attn_mask=valid[:, None, None, :]
@@ -169,13 +162,17 @@ class HybridRuntime:
 
     def _forward(self, hidden, begin: int | None, keep=None):
         """All layers over hidden (rows, T, hidden); returns the final-normed last position (rows, hidden)."""
+        valid = None
+        if begin is None:  # one decode token: the cache slots each row attends to, shared by all attention layers
+            slots = torch.arange(self.capacity, device=hidden.device)
+            valid = (slots[None, :] >= self.start[:, None]) & (slots[None, :] <= self.position)
         residual, out = None, hidden
         for kind, layer, cache in zip(self.pattern, self.layers, self.caches):
             normed, residual = self.kernels.rms_norm(out, layer.norm.weight, self.eps, residual=residual)
             if kind == "M":
                 out = self._mamba(normed, layer.mixer, cache, keep)
             elif kind == "*":
-                out = self._attention(normed, layer.mixer, cache, begin)
+                out = self._attention(normed, layer.mixer, cache, begin, valid)
             else:
                 out = self._mlp(normed, layer.mixer)
         last = slice(-1, None)
