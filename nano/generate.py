@@ -171,13 +171,42 @@ def _decode_steps(model, prepared: _Prepared, temperature, top_p, seed) -> Itera
 
     if hasattr(decoder, "graphed"):  # the runtime captures model, controller and sampler in one graph
         step = decoder.graphed(step, generator)
+    finished = _FinishedCheck(controller, device)
     tokens, kinds = choose(decoder.prefill(input_ids, mask))
     yield tokens, kinds
     for _ in range(prepared.max_steps - 1):
-        if bool(controller.done.all()):
+        if finished():
             return
         tokens, kinds = step(tokens)
         yield tokens, kinds
+
+
+class _FinishedCheck:
+    """Whether every row has finished, asked once per step.
+
+    On a GPU, reading the flag right away would stall the device between steps while the host
+    catches up; instead each step's flag is copied to the host in the background and the one
+    from `lag` steps back is read. The loop may run `lag` steps past the end; those steps only
+    add padding (the controller's rows stay finished).
+    """
+
+    def __init__(self, controller, device, lag: int = 2):
+        self.controller, self.lag = controller, lag if device.type == "cuda" else 0
+        self.pending = []
+
+    def __call__(self) -> bool:
+        if not self.lag:
+            return bool(self.controller.done.all())
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(self.controller.done.all(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((flag, event))
+        if len(self.pending) <= self.lag:
+            return False
+        flag, event = self.pending.pop(0)
+        event.synchronize()
+        return bool(flag)
 
 
 def _runs(tokens: Sequence[int], kinds: Sequence[int], kind: int) -> list[list[int]]:

@@ -128,11 +128,11 @@ class HybridRuntime:
             index = self.position.view(1)
             cache["k"].index_copy_(2, index, k)
             cache["v"].index_copy_(2, index, v)
-            # The query heads sharing a KV head attend as a group: no copy of the cache per query head.
-            out = F.scaled_dot_product_attention(
-                q.reshape(rows, kv, heads // kv, d), cache["k"], cache["v"], attn_mask=valid[:, None, None, :]
-            )
-            out = out.reshape(rows, 1, heads * d)
+            # The query heads sharing a KV head attend as a group, no copy of the cache per query head;
+            # plain matmuls, since fused attention kernels are built for many queries, not one.
+            scores = torch.matmul(q.reshape(rows, kv, heads // kv, d), cache["k"].transpose(2, 3)) * d**-0.5
+            scores = scores.float().masked_fill_(~valid[:, None, None, :], float("-inf"))
+            out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), cache["v"]).reshape(rows, 1, heads * d)
         else:
             end = begin + length
             cache["k"][:, :, begin:end] = k
