@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from .chat import ThinkTokens
+from .compiled import compiled
 
 # What each generated token is, per row and step.
 REASONING, ANSWER, CONTROL, END, PAD = 0, 1, 2, 3, 4
@@ -93,34 +94,45 @@ class BudgetController:
 
         Returns the tokens to emit and feed back, and what each one is (REASONING, ANSWER, ...).
         """
-        forcing = self.force >= 0
-        forced = self.close_sequence[self.force.clamp(min=0)]
-        token = torch.where(forcing, forced, sampled)
-        token = torch.where(self.done, self.pad_id, token)
-        live = ~self.done
+        step = compiled(_advance) if sampled.is_cuda else _advance
+        return step(
+            sampled, self.force, self.count, self.thinking, self.done, self.hit, self.generated,
+            self.budget, self.limit, self.max_new, self.close_sequence, self.token_class,
+            self.pad_id, self.open_id, self.close_id,
+        )
 
-        token_class = self.token_class[token]
-        is_end = live & ~forcing & (token_class >= _EOS)
-        opens = live & ~self.thinking & (token == self.open_id)
-        is_tag = opens | (live & self.thinking & (token == self.close_id))
-        reasoning = live & self.thinking & ~forcing & ~is_tag & ~is_end
-        self.count += reasoning
-        budget_reached = self.count >= self.budget
-        cut = reasoning & budget_reached & (((token_class & _LINE_END) > 0) | (self.count >= self.limit))
-        reopened_spent = opens & budget_reached
 
-        kind = torch.full_like(token, ANSWER)
-        kind = torch.where(reasoning, REASONING, kind)
-        kind = torch.where(forcing | is_tag, CONTROL, kind)
-        kind = torch.where(is_end, END, kind)
-        kind = torch.where(self.done, PAD, kind)
+def _advance(sampled, force, count, thinking, done, hit, generated, budget, limit, max_new, close_sequence,
+             token_class, pad_id: int, open_id: int, close_id: int):
+    """The controller's step on its state tensors, updated in place (a captured CUDA graph keeps
+    pointing at them). A free function, so that one compilation serves every generation."""
+    forcing = force >= 0
+    forced = close_sequence[force.clamp(min=0)]
+    token = torch.where(forcing, forced, sampled)
+    token = torch.where(done, pad_id, token)
+    live = ~done
 
-        # State is updated in place, so that a captured CUDA graph keeps pointing at it.
-        self.thinking ^= is_tag
-        step = self.force + 1
-        start = cut | reopened_spent
-        self.force.copy_(torch.where(start, 0, torch.where(forcing & (step < self.close_sequence.numel()), step, -1)))
-        self.hit |= start
-        self.generated += live
-        self.done |= is_end | (self.generated >= self.max_new)
-        return token, kind
+    classes = token_class[token]
+    is_end = live & ~forcing & (classes >= _EOS)
+    opens = live & ~thinking & (token == open_id)
+    is_tag = opens | (live & thinking & (token == close_id))
+    reasoning = live & thinking & ~forcing & ~is_tag & ~is_end
+    count += reasoning
+    budget_reached = count >= budget
+    cut = reasoning & budget_reached & (((classes & _LINE_END) > 0) | (count >= limit))
+    reopened_spent = opens & budget_reached
+
+    kind = torch.full_like(token, ANSWER)
+    kind = torch.where(reasoning, REASONING, kind)
+    kind = torch.where(forcing | is_tag, CONTROL, kind)
+    kind = torch.where(is_end, END, kind)
+    kind = torch.where(done, PAD, kind)
+
+    thinking ^= is_tag
+    following = force + 1
+    start = cut | reopened_spent
+    force.copy_(torch.where(start, 0, torch.where(forcing & (following < close_sequence.numel()), following, -1)))
+    hit |= start
+    generated += live
+    done |= is_end | (generated >= max_new)
+    return token, kind

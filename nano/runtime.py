@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .compiled import compiled
 from .kernels import Kernels, select_kernels
 
 try:
@@ -92,11 +93,15 @@ class HybridRuntime:
             [inner, mixer.conv_dim, heads], dim=-1
         )
         A = cache["A"]
-        window = torch.cat([cache["conv"], xbc.transpose(1, 2)], dim=2)
-        cache["conv"].copy_(window[:, :, 1 - mixer.conv_kernel_size :])
-        xbc = F.silu(F.conv1d(window, mixer.conv1d.weight, mixer.conv1d.bias, groups=mixer.conv_dim)).transpose(1, 2)
-        if keep is not None:
-            xbc = xbc * keep[..., None].to(xbc.dtype)
+        if length == 1:
+            step = compiled(_conv_step) if x.is_cuda else _conv_step
+            xbc = step(cache["conv"], xbc[:, 0], mixer.conv1d.weight[:, 0], mixer.conv1d.bias)[:, None]
+        else:
+            window = torch.cat([cache["conv"], xbc.transpose(1, 2)], dim=2)
+            cache["conv"].copy_(window[:, :, 1 - mixer.conv_kernel_size :])
+            xbc = F.silu(F.conv1d(window, mixer.conv1d.weight, mixer.conv1d.bias, groups=mixer.conv_dim)).transpose(1, 2)
+            if keep is not None:
+                xbc = xbc * keep[..., None].to(xbc.dtype)
         xs, B, C = xbc.split([inner, groups * n, groups * n], dim=-1)
         if length == 1:
             y = self.kernels.state_update(
@@ -158,7 +163,9 @@ class HybridRuntime:
 
     @staticmethod
     def _mlp(x, mlp):
-        return F.linear(torch.relu(F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)).square(), mlp.down_proj.weight, mlp.down_proj.bias)
+        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+        act = compiled(_relu2) if up.is_cuda and up.shape[1] == 1 else _relu2
+        return F.linear(act(up), mlp.down_proj.weight, mlp.down_proj.bias)
 
     def _forward(self, hidden, begin: int | None, keep=None):
         """All layers over hidden (rows, T, hidden); returns the final-normed last position (rows, hidden)."""
@@ -217,6 +224,20 @@ class HybridRuntime:
         if not self.graphs:
             return step
         return _GraphedStep(step, self.device, generator)
+
+
+def _conv_step(state, x, weight, bias):
+    """One step of the Mamba conv: slide the window (state: the last kernel-1 inputs) by x, apply."""
+    window = torch.cat([state, x[..., None]], dim=-1)
+    state.copy_(window[..., 1:])
+    out = (window.float() * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    return F.silu(out).to(x.dtype)
+
+
+def _relu2(x):
+    return torch.relu(x).square()
 
 
 class _GraphedStep:

@@ -150,3 +150,15 @@ def test_mamba_ssm_loads_without_its_package_init(tmp_path, monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is not None, reason="mamba-ssm is installed here")
 def test_without_mamba_ssm_the_reason_is_given():
     assert load_mamba_ssm() == (None, "mamba-ssm is not installed")
+
+
+def test_a_function_that_cannot_compile_runs_uncompiled():
+    from nano.compiled import _Compiled
+
+    def branchy(x):
+        return x + 1 if x.sum().item() > 0 else x - 1  # reads a value: no single graph
+
+    fn = _Compiled(branchy)
+    with pytest.warns(UserWarning, match="torch.compile of branchy failed"):
+        assert fn(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+    assert fn.failed and fn(-torch.ones(2)).tolist() == [-2.0, -2.0]
