@@ -60,15 +60,19 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def decode_rate(model, rows: int, new_tokens: int, base: int = 8) -> float:
+def decode_rate(model, rows: int, new_tokens: int, base: int = 8, repeats: int = 3) -> float:
     """Tokens/s of decode through nano.generate, all rows together: the time of `base + new_tokens`
-    tokens less that of `base`, so that prefill, allocation and graph capture cancel out."""
+    tokens less that of `base`, so that prefill, allocation and graph capture cancel out; the
+    median of `repeats` such pairs."""
     prompts = ["What is 347 + 58 * 6 - 12? " * 4] * rows
     run = lambda n: nano.generate(model, prompts, max_new_tokens=n)  # noqa: E731
-    run(base)  # warm-up: Triton compilation, cuBLAS
-    short = timed(lambda: run(base))
-    long = timed(lambda: run(base + new_tokens))
-    return rows * new_tokens / (long - short)
+    run(base)  # warm-up: Triton compilation, cuBLAS, torch.compile
+    rates = []
+    for _ in range(repeats):
+        short = timed(lambda: run(base))
+        long = timed(lambda: run(base + new_tokens))
+        rates.append(rows * new_tokens / (long - short))
+    return sorted(rates)[len(rates) // 2]
 
 
 def prefill_rate(model, length: int, runtime: str) -> tuple[float, float]:
@@ -133,7 +137,8 @@ def main() -> None:
     parser.add_argument("--shape", default="nano-9b-v2", choices=sorted(SHAPES))
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--prefill", type=int, nargs="+", default=[8192, 32768, 131072])
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill measurements")
     parser.add_argument("--memory-cap-gib", type=float, help="run only the long-context test under this cap")
     args = parser.parse_args()
 
@@ -178,9 +183,16 @@ def main() -> None:
     attempt(rows, "decode, fast", decode("fast", 1, args.new_tokens))
     for batch in args.batches:
         attempt(rows, "decode, fast", decode("fast", batch, args.new_tokens))
-    for length in args.prefill:
-        attempt(rows, "prefill, fast", lambda: dict(zip(("tokens", "tokens_per_s", "peak_gib"), (length, *map(lambda v: round(v, 2), prefill_rate(model, length, "fast"))))))
-    attempt(rows, "prefill, reference", lambda: dict(zip(("tokens", "tokens_per_s", "peak_gib"), (8192, *map(lambda v: round(v, 2), prefill_rate(model, 8192, "reference"))))))
+    def prefill(runtime, length):
+        def run():
+            rate, peak = prefill_rate(model, length, runtime)
+            return {"tokens": length, "tokens_per_s": round(rate), "peak_gib": round(peak, 2)}
+        return run
+
+    if not args.decode_only:
+        for length in args.prefill:
+            attempt(rows, "prefill, fast", prefill("fast", length))
+        attempt(rows, "prefill, reference", prefill("reference", 8192))
     columns = ["measure", "batch", "tokens", "tokens_per_s", "of_roofline", "peak_gib", "error"]
     write(f"runtime-{args.shape}", rows, columns, "cuda", **extra)
 
