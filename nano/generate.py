@@ -161,6 +161,7 @@ def _decode_steps(model, prepared: _Prepared, temperature, top_p, seed) -> Itera
     input_ids, mask = _left_pad(prepared.prompt_ids, controller.pad_id, device)
     decoder = model.decoder(rows=input_ids.shape[0], capacity=input_ids.shape[1] + prepared.max_steps)
 
+    @torch.no_grad()  # one grad mode for every step: compiled pieces are then compiled once
     def choose(logits):
         logits[:, decodable:] = float("-inf")
         controller.mask_logits(logits)
