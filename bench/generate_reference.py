@@ -20,34 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from budget_overhead import controller_step_seconds  # noqa: E402
+from budget_overhead import controller_step_seconds, sync  # noqa: E402
+from random_weights import random_model  # noqa: E402
 from record import write  # noqa: E402
 
 import nano  # noqa: E402
-from nano.chat import ChatFormat  # noqa: E402
-from nano.shapes import SHAPES, shape_config  # noqa: E402
-from nano.tiny import tiny_config, tiny_tokenizer  # noqa: E402
-
-
-def random_model(shape: str, device: torch.device, dtype: torch.dtype) -> nano.Model:
-    from transformers import NemotronHForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    config = tiny_config() if shape == "tiny" else shape_config(shape, eos_token_id=tiny_config().eos_token_id)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = NemotronHForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default)
-    chat = ChatFormat(tokenizer, config.eos_token_id)
-    return nano.Model(model=model, tokenizer=tokenizer, config=model.config, chat=chat)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from nano.shapes import SHAPES  # noqa: E402
 
 
 def run(model, prompts, max_new_tokens, budget, device) -> tuple[float, int]:

@@ -19,8 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from random_weights import random_model  # noqa: E402
 from record import write  # noqa: E402
-from runtime import random_model, timed  # noqa: E402
+from runtime import timed  # noqa: E402
 
 from nano.runtime import HybridRuntime  # noqa: E402
 from nano.shapes import SHAPES  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    model = random_model(args.shape, "cuda")
+    model = random_model(args.shape, "cuda", endless=True)
     runtime = HybridRuntime(model.model, 1, 4096)
     ids = torch.randint(300, 100000, (1, 512), device="cuda")
     runtime.prefill(ids, torch.ones_like(ids))

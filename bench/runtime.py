@@ -27,29 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from budget_overhead import copy_bandwidth  # noqa: E402
+from random_weights import random_model  # noqa: E402
 from record import write  # noqa: E402
 
 import nano  # noqa: E402
-from nano.chat import ChatFormat  # noqa: E402
 from nano.runtime import HybridRuntime  # noqa: E402
-from nano.shapes import SHAPES, shape_config  # noqa: E402
-from nano.tiny import tiny_tokenizer  # noqa: E402
+from nano.shapes import SHAPES  # noqa: E402
 
 GIB = 2**30
-
-
-def random_model(shape: str, device) -> nano.Model:
-    from transformers import NemotronHForCausalLM
-
-    config = shape_config(shape)
-    tokenizer = tiny_tokenizer(model_max_length=config.max_position_embeddings)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = NemotronHForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
-    # An end token past the tokenizer's vocabulary is never sampled: every run generates its full length.
-    chat = ChatFormat(tokenizer, [config.vocab_size - 1])
-    return nano.Model(model=model, tokenizer=tokenizer, config=model.config, chat=chat)
 
 
 def timed(fn) -> float:
@@ -148,7 +133,7 @@ def main() -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     if args.memory_cap_gib:
         torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * GIB / total)
-    model = random_model(args.shape, "cuda")
+    model = random_model(args.shape, "cuda", endless=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
     rows: list[dict] = []
     extra = dict(

@@ -21,7 +21,8 @@ from .atomic import atomic_dir
 from .chat import ChatFormat
 from .config import ConfigError, check_supported, context_length
 from .reference import ReferenceDecoder
-from .runtime import HybridRuntime
+from .kernels import select_kernels
+from .runtime import HybridRuntime, describe
 
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -70,10 +71,7 @@ class Model:
     def runtime_name(self) -> str:
         """What `decoder` would run, in words, without allocating anything."""
         if self._fast():
-            from .kernels import select_kernels
-
-            graphs = "; decode step in a CUDA graph" if self.device.type == "cuda" else ""
-            return f"fast ({select_kernels(self.device).name}{graphs})"
+            return describe(select_kernels(self.device), graphs=self.device.type == "cuda")
         return ReferenceDecoder.name
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:

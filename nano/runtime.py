@@ -32,6 +32,11 @@ except ImportError:  # older torch: chunks after the first fall back to an expli
     causal_lower_right = None
 
 
+def describe(kernels: Kernels, graphs: bool) -> str:
+    """The runtime in words: which kernels, and whether the decode step is a CUDA graph."""
+    return f"fast ({kernels.name}{'; decode step in a CUDA graph' if graphs else ''})"
+
+
 class HybridRuntime:
     """A decoder (`prefill`, then `step` per token) for `rows` sequences of up to `capacity` tokens."""
 
@@ -78,7 +83,7 @@ class HybridRuntime:
         self.position = torch.zeros((), dtype=torch.long, device=self.device)  # where the next token goes
         self.start = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's first real token
         self.padded = False
-        self.name = f"fast ({self.kernels.name}{'; decode step in a CUDA graph' if self.graphs else ''})"
+        self.name = describe(self.kernels, self.graphs)
 
     # The layers.
 

@@ -41,7 +41,11 @@ def test_batch_equals_alone_and_stream_equals_whole_on_the_gpu(gpu_models):
 
 def test_gpu_matches_cpu_greedy(tiny_dir, gpu_models):
     cpu = nano.load(tiny_dir, device="cpu")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    assert nano.generate(gpu_models[torch.float32], PROMPTS[0], budget=8, max_new_tokens=30) == nano.generate(
-        cpu, PROMPTS[0], budget=8, max_new_tokens=30
-    )
+    try:
+        assert nano.generate(gpu_models[torch.float32], PROMPTS[0], budget=8, max_new_tokens=30) == nano.generate(
+            cpu, PROMPTS[0], budget=8, max_new_tokens=30
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32

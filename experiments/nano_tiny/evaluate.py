@@ -139,10 +139,9 @@ def main() -> None:
     if len(results) == 2:
         (first, a), (second, b) = results.items()
         for row_a, row_b in zip(a, b):
-            paired[str(row_a["budget"])] = mcnemar(row_a["right"], row_b["right"])
-            print(f"budget {str(row_a['budget']):>9}: {first} alone right {paired[str(row_a['budget'])]['only_first_right']:3d}, "
-                  f"{second} alone right {paired[str(row_a['budget'])]['only_second_right']:3d}, "
-                  f"p = {paired[str(row_a['budget'])]['p_value']}")
+            test = paired[str(row_a["budget"])] = mcnemar(row_a["right"], row_b["right"])
+            print(f"budget {str(row_a['budget']):>9}: {first} alone right {test['only_first_right']:3d}, "
+                  f"{second} alone right {test['only_second_right']:3d}, p = {test['p_value']}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         record = {
