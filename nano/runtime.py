@@ -84,6 +84,7 @@ class HybridRuntime:
         self.start = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's first real token
         self.padded = False
         self.name = describe(self.kernels, self.graphs)
+        self._tap = None  # set by `run_layers`: sees the activations of the layer being run
 
     # The layers.
 
@@ -97,6 +98,8 @@ class HybridRuntime:
         z, xbc, dt = F.linear(x, mixer.in_proj.weight, mixer.in_proj.bias).split(
             [inner, mixer.conv_dim, heads], dim=-1
         )
+        if self._tap is not None:
+            self._tap("mamba_x", xbc[..., :inner])
         A = cache["A"]
         if length == 1:
             step = compiled(_conv_step) if x.is_cuda else _conv_step
@@ -164,13 +167,16 @@ class HybridRuntime:
                     q, keys, values, attn_mask=causal_lower_right(length, end), enable_gqa=True
                 )
             out = out.transpose(1, 2).reshape(rows, length, heads * d)
+        if self._tap is not None:
+            self._tap("attention", out)
         return F.linear(out, attn.o_proj.weight)
 
-    @staticmethod
-    def _mlp(x, mlp):
+    def _mlp(self, x, mlp):
         up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-        act = compiled(_relu2) if up.is_cuda and up.shape[1] == 1 else _relu2
-        return F.linear(act(up), mlp.down_proj.weight, mlp.down_proj.bias)
+        act = (compiled(_relu2) if up.is_cuda and up.shape[1] == 1 else _relu2)(up)
+        if self._tap is not None:
+            self._tap("mlp", act)
+        return F.linear(act, mlp.down_proj.weight, mlp.down_proj.bias)
 
     def _forward(self, hidden, begin: int | None, keep=None):
         """All layers over hidden (rows, T, hidden); returns the final-normed last position (rows, hidden)."""
@@ -218,6 +224,48 @@ class HybridRuntime:
         normed = self._forward(self.model.model.embeddings(tokens)[:, None], None)
         self.position += 1
         return self._logits(normed)
+
+    # Whole sequences at once, for analysis (the pruner's importance passes).
+
+    @torch.no_grad()
+    def run_layers(self, stream: torch.Tensor, layers, observe=None) -> torch.Tensor:
+        """The residual stream after running `layers` (indices, in order) over fresh sequences.
+
+        `stream` (rows, T, hidden) enters the first of `layers` at position 0: the embeddings, or
+        the stream some earlier call returned. Layers left out of `layers` are skipped, as if
+        removed from the model. `observe(index, name, tensor)` sees, per layer: "norm" (the
+        layer's normalised input), "mamba_x" (the x part of a Mamba input projection, before the
+        conv), "attention" (the heads' output, before o_proj), "mlp" (after the squared ReLU).
+        """
+        rows, length, _ = stream.shape
+        if rows != self.rows or length >= self.capacity:
+            raise ValueError(f"{rows} x {length} tokens do not fit {self.rows} rows x {self.capacity}")
+        self.padded = False
+        self.start.zero_()
+        for index in layers:
+            kind, layer, cache = self.pattern[index], self.layers[index], self.caches[index]
+            tap = None if observe is None else (lambda name, tensor, i=index: observe(i, name, tensor))
+            normed, _ = self.kernels.rms_norm(stream, layer.norm.weight, self.eps)
+            if tap is not None:
+                tap("norm", normed)
+            self._tap = tap
+            try:
+                if kind == "M":
+                    cache["conv"].zero_()
+                    cache["ssm"].zero_()
+                    out = self._mamba(normed, layer.mixer, cache)
+                elif kind == "*":
+                    out = self._attention(normed, layer.mixer, cache, 0)
+                else:
+                    out = self._mlp(normed, layer.mixer)
+            finally:
+                self._tap = None
+            stream = stream + out
+        return stream
+
+    def final_norm(self, stream: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm of a residual stream: what the output head multiplies."""
+        return self.kernels.rms_norm(stream, self.model.model.norm_f.weight, self.eps)[0]
 
     def graphed(self, step, generator=None):
         """`step` (tokens -> outputs, calling `self.step` inside) replayed from a CUDA graph.

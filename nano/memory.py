@@ -1,0 +1,223 @@
+"""Parameter counts and the memory a NemotronH model needs on a GPU, from its config alone.
+
+One copy of this arithmetic serves the pruner (which searches shapes under a memory budget) and
+the exporters (which size a deployment before the engine starts). It reads a config as a dict,
+a transformers config, or anything with the same attribute names; no weights are touched.
+
+Memory on one GPU, for `batch` sequences of `context` tokens:
+- weights: every parameter at the weight dtype;
+- kv_cache: K and V of the attention layers only (`2 * kv_heads * head_dim` values per token each);
+- ssm_state: the Mamba state, `heads * head_dim * state` per layer and sequence (fp32 by default,
+  as NVIDIA requires for accuracy), and conv_state: the last `conv_kernel - 1` inputs of the conv;
+- workspace: activations of one prefill chunk (the runtime prefills in chunks of 4096 tokens);
+- overhead: the allocator's slack, a fixed allowance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .config import ATTENTION, MAMBA, MLP, layer_pattern
+
+GIB = 2**30
+
+# Bytes per value. Quantized weights carry a scale per group of 128 (int4) or 16 (nvfp4) values.
+DTYPE_BYTES = {
+    "fp32": 4.0,
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "int4": 0.5 + 2 / 128,
+    "nvfp4": 0.5 + 1 / 16,
+}
+
+# Memory a deployment may use on each target (GiB): the card's memory less what the CUDA context,
+# the driver and a display or the OS (on Jetson, where memory is shared) keep.
+TARGETS = {
+    "a10g": 22.0,
+    "l4": 22.0,
+    "l40s": 44.0,
+    "rtx4090": 22.0,
+    "a100-40": 38.0,
+    "a100-80": 77.0,
+    "h100": 77.0,
+    "h200": 137.0,
+    "orin-8": 5.5,
+    "orin-16": 12.5,
+    "orin-32": 27.0,
+    "orin-64": 56.0,
+    "thor": 110.0,
+}
+
+PREFILL_CHUNK = 4096
+OVERHEAD_BYTES = GIB // 4
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def _pattern(config: Any) -> str:
+    pattern = _get(config, "hybrid_override_pattern")
+    if isinstance(pattern, str):
+        return pattern
+    return layer_pattern(config if isinstance(config, dict) else {"layers_block_type": list(config.layers_block_type)})
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a NemotronH model that its parameter count and memory depend on."""
+
+    pattern: str
+    vocab: int
+    hidden: int
+    ffn: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    mamba_heads: int
+    mamba_head_dim: int
+    groups: int
+    state: int
+    conv_kernel: int
+    conv_bias: bool = True
+    tied: bool = False
+
+    @classmethod
+    def of(cls, config: Any) -> Shape:
+        hidden = _get(config, "hidden_size")
+        heads = _get(config, "num_attention_heads")
+        return cls(
+            pattern=_pattern(config),
+            vocab=_get(config, "vocab_size"),
+            hidden=hidden,
+            ffn=_get(config, "intermediate_size"),
+            attention_heads=heads,
+            kv_heads=_get(config, "num_key_value_heads"),
+            head_dim=_get(config, "head_dim") or hidden // heads,
+            mamba_heads=_get(config, "mamba_num_heads"),
+            mamba_head_dim=_get(config, "mamba_head_dim"),
+            groups=_get(config, "n_groups"),
+            state=_get(config, "ssm_state_size"),
+            conv_kernel=_get(config, "conv_kernel"),
+            conv_bias=bool(_get(config, "use_conv_bias", True)),
+            tied=bool(_get(config, "tie_word_embeddings", False)),
+        )
+
+    @property
+    def mamba_inner(self) -> int:
+        return self.mamba_heads * self.mamba_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.mamba_inner + 2 * self.groups * self.state
+
+    def layer_parameters(self, kind: str) -> int:
+        """Parameters of one layer of `kind` ('M', '*' or '-'), its pre-norm included."""
+        h = self.hidden
+        if kind == MAMBA:
+            in_proj = h * (self.mamba_inner + self.conv_dim + self.mamba_heads)
+            conv = self.conv_dim * self.conv_kernel + (self.conv_dim if self.conv_bias else 0)
+            per_head = 3 * self.mamba_heads  # A_log, D, dt_bias
+            return h + in_proj + conv + per_head + self.mamba_inner + self.mamba_inner * h
+        if kind == ATTENTION:
+            q = self.attention_heads * self.head_dim
+            kv = self.kv_heads * self.head_dim
+            return h + h * (q + 2 * kv) + q * h
+        if kind == MLP:
+            return h + 2 * h * self.ffn
+        raise ValueError(f"layer kind {kind!r} is not one of 'M' (Mamba2), '*' (attention), '-' (MLP)")
+
+    def parameters(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.hidden + sum(self.layer_parameters(kind) for kind in self.pattern)
+
+
+def parameter_count(config: Any) -> int:
+    """Parameters of a NemotronH model described by `config` (dict or transformers config)."""
+    return Shape.of(config).parameters()
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes a model needs on one GPU, by component, and whether they fit the target."""
+
+    weights: int
+    kv_cache: int
+    ssm_state: int
+    conv_state: int
+    workspace: int
+    overhead: int
+    usable: int
+    context: int
+    batch: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.ssm_state + self.conv_state + self.workspace + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.usable
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), total=self.total, fits=self.fits)
+
+
+def usable_bytes(target: str | float) -> int:
+    """Usable memory of a named target (see TARGETS), or a number of GiB."""
+    if isinstance(target, (int, float)):
+        return int(target * GIB)
+    name = target.lower()
+    if name not in TARGETS:
+        raise ValueError(f"unknown GPU {target!r}; known: {', '.join(TARGETS)} (or a number of GiB)")
+    return int(TARGETS[name] * GIB)
+
+
+def _bytes_of(dtype: str) -> float:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def plan(
+    config: Any,
+    target: str | float,
+    context: int,
+    batch: int = 1,
+    weight_dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+    ssm_dtype: str = "fp32",
+    activation_dtype: str = "bf16",
+) -> MemoryPlan:
+    """The memory `config` needs for `batch` sequences of `context` tokens on `target`."""
+    if context < 1 or batch < 1:
+        raise ValueError(f"context and batch must be at least 1, got context={context}, batch={batch}")
+    s = Shape.of(config)
+    mamba_layers, attention_layers = s.pattern.count(MAMBA), s.pattern.count(ATTENTION)
+    act = _bytes_of(activation_dtype)
+    kv = attention_layers * 2 * s.kv_heads * s.head_dim * context * batch * _bytes_of(kv_dtype)
+    ssm = mamba_layers * s.mamba_heads * s.mamba_head_dim * s.state * batch * _bytes_of(ssm_dtype)
+    conv = mamba_layers * s.conv_dim * (s.conv_kernel - 1) * batch * act
+    # One prefill chunk through the widest layer: its input, norm and residual, the projections, and
+    # the chunk scan's per-chunk states (fp32).
+    tokens = min(context, PREFILL_CHUNK) * batch
+    mamba_width = (s.mamba_inner + s.conv_dim + s.mamba_heads) + s.conv_dim + 2 * s.mamba_inner if mamba_layers else 0
+    widest = max(mamba_width, 2 * s.ffn if MLP in s.pattern else 0, (s.attention_heads + 2 * s.kv_heads) * s.head_dim)
+    chunk_states = (tokens // 128 + 1) * s.mamba_heads * s.mamba_head_dim * s.state * 4 if mamba_layers else 0
+    workspace = tokens * (widest + 3 * s.hidden) * act + chunk_states
+    return MemoryPlan(
+        weights=int(s.parameters() * _bytes_of(weight_dtype)),
+        kv_cache=int(kv),
+        ssm_state=int(ssm),
+        conv_state=int(conv),
+        workspace=int(workspace),
+        overhead=OVERHEAD_BYTES,
+        usable=usable_bytes(target),
+        context=context,
+        batch=batch,
+    )

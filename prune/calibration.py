@@ -1,0 +1,88 @@
+"""Calibration data: fixed-length token samples from text files, jsonl files, or saved token tensors.
+
+Text is read file by file (sorted by path, so a run is repeatable), tokenized, joined with the
+end-of-sequence token between documents, and cut into samples of `length` tokens. A jsonl file
+contributes the "text" field of each line. A `.pt` or `.safetensors` file holds the samples
+themselves: one integer tensor of shape (samples, length).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".cpp", ".js", ".html", ".tex"}
+TENSOR_SUFFIXES = {".pt", ".safetensors"}
+
+
+def _documents(path: Path):
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    found = False
+    for file in files:
+        if file.suffix == ".jsonl":
+            found = True
+            for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{file}:{number}: not JSON ({e.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{file}:{number}: a calibration jsonl line needs a string field 'text'")
+                yield record["text"]
+        elif file.suffix in TEXT_SUFFIXES or path == file:
+            found = True
+            yield file.read_text(encoding="utf-8", errors="replace")
+    if not found:
+        raise ValueError(
+            f"{path}: no calibration text found; give text files ({', '.join(sorted(TEXT_SUFFIXES))}), "
+            f"jsonl files with a 'text' field, or a {' / '.join(sorted(TENSOR_SUFFIXES))} file of token ids"
+        )
+
+
+def _load_tensor(path: Path) -> torch.Tensor:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if len(tensors) != 1:
+            raise ValueError(f"{path}: expected one tensor of token ids, found {sorted(tensors)}")
+        tokens = next(iter(tensors.values()))
+    else:
+        tokens = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+        raise ValueError(f"{path}: expected an integer tensor of shape (samples, length), got {type(tokens).__name__}"
+                         + (f" {tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else ""))
+    return tokens.long()
+
+
+def calibration_tokens(path, tokenizer, samples: int = 1024, length: int = 4096) -> torch.Tensor:
+    """Up to `samples` samples of `length` tokens (LongTensor (n, length)) from `path`."""
+    path = Path(path)
+    if samples < 1 or length < 2:
+        raise ValueError(f"samples must be >= 1 and length >= 2, got samples={samples}, length={length}")
+    if not path.exists():
+        raise ValueError(f"{path}: calibration data not found")
+    if path.suffix in TENSOR_SUFFIXES:
+        tokens = _load_tensor(path)
+        if tokens.shape[1] < length:
+            raise ValueError(f"{path}: samples are {tokens.shape[1]} tokens long, shorter than length={length}")
+        return tokens[:samples, :length].contiguous()
+    eos = tokenizer.eos_token_id
+    buffer: list[int] = []
+    out: list[torch.Tensor] = []
+    for text in _documents(path):
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            buffer.append(eos)
+        while len(buffer) >= length and len(out) < samples:
+            out.append(torch.tensor(buffer[:length]))
+            del buffer[:length]
+        if len(out) == samples:
+            break
+    if not out:
+        raise ValueError(f"{path}: the text makes fewer than {length} tokens, not even one sample")
+    return torch.stack(out)

@@ -1,0 +1,286 @@
+"""How much each part of a NemotronH model matters, from forward passes over calibration data.
+
+Width (one pass over the calibration samples), as Minitron scores it from activations:
+- embedding channels: the normalised input of every layer (the output of its pre-norm), scored
+  per layer and summed over the layers;
+- MLP neurons: the activations after the squared ReLU (the down projection's input);
+- Mamba heads: the x part of the input projection (the per-head input of the scan, before the
+  conv), whose norm over a head's channels scores the head. Heads share B and C within their
+  group, so heads are ranked within their group and every group keeps the same number;
+- attention heads: the heads' outputs before o_proj, scored as Mamba heads are.
+Aggregation, the choice Minitron found best: the mean of |activation| over a sample's tokens,
+then the L2 norm of those means over the samples.
+
+Depth (a second, smaller set of samples): a layer's score is how far the output distribution
+moves, KL(original || with that layer removed) per token, or the LM loss with it removed; the
+lowest-scoring layer goes, and the scores are taken again on the model without it, greedily,
+until the target depth is reached.
+
+The fast path runs the layers through `nano.runtime.HybridRuntime` (Triton kernels on a GPU);
+`width_importance_reference` and `rank_layers_reference` are the same measures through
+transformers' own forward with hooks, the slow twins the tests hold the fast path to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nano.config import ATTENTION, MAMBA, MLP
+from nano.runtime import HybridRuntime
+
+
+@dataclass
+class Importance:
+    """Scores (higher: more important) for the width dimensions of a model."""
+
+    hidden: torch.Tensor  # (hidden,)
+    ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # MLP layer -> (ffn,)
+    mamba_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # Mamba layer -> (heads,)
+    attention_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # attention layer -> (heads,)
+    samples: int = 0
+
+    def state_dict(self) -> dict:
+        out = {"hidden": self.hidden, "samples": self.samples}
+        for name in ("ffn", "mamba_heads", "attention_heads"):
+            out[name] = {int(k): v for k, v in getattr(self, name).items()}
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Importance:
+        return cls(**state)
+
+
+class _Sums:
+    """Per (layer, tap): the sum over samples of (mean over tokens of |activation|)^2."""
+
+    def __init__(self):
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.samples = 0
+
+    def __call__(self, index: int, name: str, tensor: torch.Tensor) -> None:
+        means = torch.linalg.vector_norm(tensor, ord=1, dim=1, dtype=torch.float32) / tensor.shape[1]
+        value = means.pow(2).sum(dim=0)
+        key = (index, name)
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def importance(self, model) -> Importance:
+        config = model.config
+        pattern = config.hybrid_override_pattern
+        scores = {key: value.sqrt().cpu() for key, value in self.sums.items()}  # L2 over the samples
+        hidden = sum(scores[(i, "norm")] for i in range(len(pattern)) if (i, "norm") in scores)
+        result = Importance(hidden=hidden, samples=self.samples)
+        for i, kind in enumerate(pattern):
+            if kind == MLP and (i, "mlp") in scores:
+                result.ffn[i] = scores[(i, "mlp")]
+            elif kind == MAMBA and (i, "mamba_x") in scores:
+                per_head = scores[(i, "mamba_x")].view(config.mamba_num_heads, config.mamba_head_dim)
+                result.mamba_heads[i] = torch.linalg.vector_norm(per_head, dim=1)
+            elif kind == ATTENTION and (i, "attention") in scores:
+                per_head = scores[(i, "attention")].view(config.num_attention_heads, -1)
+                result.attention_heads[i] = torch.linalg.vector_norm(per_head, dim=1)
+        return result
+
+
+def _batches(tokens: torch.Tensor, batch_size: int):
+    for start in range(0, tokens.shape[0], batch_size):
+        yield tokens[start : start + batch_size]
+
+
+def _progress(total: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="sample", disable=not enabled, leave=False)
+
+
+@torch.no_grad()
+def width_importance(model, tokens: torch.Tensor, batch_size: int = 8, progress: bool = False) -> Importance:
+    """Width importance of a transformers `NemotronHForCausalLM` over `tokens` (samples, length)."""
+    device = next(model.parameters()).device
+    sums = _Sums()
+    layers = range(len(model.config.hybrid_override_pattern))
+    runtime = None
+    with _progress(tokens.shape[0], "importance", progress) as bar:
+        for batch in _batches(tokens, batch_size):
+            batch = batch.to(device)
+            if runtime is None or runtime.rows != batch.shape[0]:
+                runtime = HybridRuntime(model, batch.shape[0], batch.shape[1] + 1, prefill_chunk=batch.shape[1])
+            runtime.run_layers(model.model.embeddings(batch), layers, observe=sums)
+            sums.samples += batch.shape[0]
+            bar.update(batch.shape[0])
+    return sums.importance(model)
+
+
+@torch.no_grad()
+def width_importance_reference(model, tokens: torch.Tensor, batch_size: int = 8) -> Importance:
+    """`width_importance` through transformers' forward and module hooks: the slow twin."""
+    device = next(model.parameters()).device
+    sums = _Sums()
+    hooks = []
+    pattern = model.config.hybrid_override_pattern
+    for i, (kind, layer) in enumerate(zip(pattern, model.model.layers)):
+        hooks.append(layer.norm.register_forward_hook(lambda m, a, out, i=i: sums(i, "norm", out)))
+        mixer = layer.mixer
+        if kind == MAMBA:
+            inner = mixer.num_heads * mixer.head_dim
+            hooks.append(mixer.in_proj.register_forward_hook(
+                lambda m, a, out, i=i, inner=inner: sums(i, "mamba_x", out[..., inner : 2 * inner])
+            ))
+        elif kind == ATTENTION:
+            hooks.append(mixer.o_proj.register_forward_pre_hook(lambda m, a, i=i: sums(i, "attention", a[0])))
+        elif kind == MLP:
+            hooks.append(mixer.down_proj.register_forward_pre_hook(lambda m, a, i=i: sums(i, "mlp", a[0])))
+    try:
+        for batch in _batches(tokens, batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+            sums.samples += batch.shape[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sums.importance(model)
+
+
+# Depth.
+
+METRICS = ("kl", "loss")
+
+
+def _distance(model, normed: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor, metric: str,
+              slice_tokens: int = 2048) -> torch.Tensor:
+    """Sum over tokens of the metric for final-normed hidden states `normed` (rows, T, hidden):
+    KL(reference model || this one), or this one's next-token loss."""
+    head = model.lm_head.weight
+    total = torch.zeros((), dtype=torch.float64, device=normed.device)
+    flat, ref = normed.flatten(0, 1), reference.flatten(0, 1)
+    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1).flatten()
+    for start in range(0, flat.shape[0], slice_tokens):
+        part = slice(start, start + slice_tokens)
+        log_p = F.log_softmax(F.linear(flat[part], head).float(), dim=-1)
+        if metric == "kl":
+            log_q = F.log_softmax(F.linear(ref[part], head).float(), dim=-1)
+            total += F.kl_div(log_p, log_q, log_target=True, reduction="sum").double()
+        else:
+            total += F.nll_loss(log_p, targets[part], reduction="sum", ignore_index=-100).double()
+    return total
+
+
+@dataclass
+class LayerStep:
+    """One greedy step: the layer removed, its score, and every candidate's score at that step."""
+
+    layer: int
+    kind: str
+    score: float
+    scores: dict[int, float]
+
+
+def _quota(pattern: str, remove) -> dict[str, int]:
+    if isinstance(remove, int):
+        return {"any": remove}
+    for kind, count in remove.items():
+        if kind not in (MAMBA, ATTENTION, MLP) or count < 0 or count > pattern.count(kind):
+            raise ValueError(f"cannot remove {count} layers of kind {kind!r} from pattern {pattern!r}")
+    return dict(remove)
+
+
+def _candidates(pattern: str, removed: list[int], quota: dict[str, int]) -> list[int]:
+    if "any" in quota:
+        return [i for i in range(len(pattern)) if i not in removed] if len(removed) < quota["any"] else []
+    left = {k: n - sum(pattern[i] == k for i in removed) for k, n in quota.items()}
+    return [i for i, k in enumerate(pattern) if i not in removed and left.get(k, 0) > 0]
+
+
+def _steps(pattern, remove, score_round) -> list[LayerStep]:
+    quota = _quota(pattern, remove)
+    removed: list[int] = []
+    steps = []
+    while candidates := _candidates(pattern, removed, quota):
+        scores = score_round(removed, candidates)
+        best = min(candidates, key=lambda i: (scores[i], i))
+        removed.append(best)
+        steps.append(LayerStep(best, pattern[best], scores[best], scores))
+    return steps
+
+
+@torch.no_grad()
+def rank_layers(model, tokens: torch.Tensor, remove, metric: str = "kl", batch_size: int = 2,
+                progress: bool = False) -> list[LayerStep]:
+    """Remove layers greedily: `remove` is a count, or a count per kind ({"M": 1, "*": 2, "-": 3}).
+
+    Each round scores every candidate on the model without the layers removed so far, and removes
+    the lowest. The residual stream entering each layer is kept, so a candidate costs only the
+    layers after it.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown layer metric {metric!r}; known: {', '.join(METRICS)}")
+    pattern = model.config.hybrid_override_pattern
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in _batches(tokens, batch_size)]
+    runtimes: dict[int, HybridRuntime] = {}
+
+    def runtime_for(batch):
+        key = batch.shape[0]
+        if key not in runtimes:
+            runtimes[key] = HybridRuntime(model, key, batch.shape[1] + 1, prefill_chunk=batch.shape[1])
+        return runtimes[key]
+
+    everything = range(len(pattern))
+    references = [runtime_for(b).final_norm(runtime_for(b).run_layers(model.model.embeddings(b), everything))
+                  for b in batches]
+    count = sum(b.numel() for b in batches)
+    rounds = remove if isinstance(remove, int) else sum(remove.values())
+    bar = _progress(rounds * tokens.shape[0], "layers", progress)
+
+    def score_round(removed, candidates):
+        active = [i for i in everything if i not in removed]
+        sums = {i: 0.0 for i in candidates}
+        for batch, reference in zip(batches, references):
+            runtime = runtime_for(batch)
+            stream = model.model.embeddings(batch)
+            entering = {}
+            for i in active:  # the stream entering each layer of the current model
+                entering[i] = stream
+                stream = runtime.run_layers(stream, [i])
+            for i in candidates:
+                after = [j for j in active if j > i]
+                out = runtime.run_layers(entering[i], after) if after else entering[i]
+                sums[i] += _distance(model, runtime.final_norm(out), reference, batch, metric).item()
+            bar.update(batch.shape[0])
+        return {i: s / count for i, s in sums.items()}
+
+    try:
+        return _steps(pattern, remove, score_round)
+    finally:
+        bar.close()
+
+
+@torch.no_grad()
+def rank_layers_reference(model, tokens: torch.Tensor, remove, metric: str = "kl", batch_size: int = 2) -> list[LayerStep]:
+    """`rank_layers` through transformers' forward, each candidate a model with its layers taken
+    out of the layer list: the slow twin."""
+    pattern = model.config.hybrid_override_pattern
+    device = next(model.parameters()).device
+    layers = model.model.layers
+    batches = [b.to(device) for b in _batches(tokens, batch_size)]
+    count = sum(b.numel() for b in batches)
+
+    def normed(batch, keep):
+        model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+        try:
+            return model.model(input_ids=batch, use_cache=False).last_hidden_state
+        finally:
+            model.model.layers = layers
+
+    references = [normed(b, range(len(pattern))) for b in batches]
+
+    def score_round(removed, candidates):
+        scores = {}
+        for i in candidates:
+            keep = [j for j in range(len(pattern)) if j not in removed and j != i]
+            total = sum(_distance(model, normed(b, keep), r, b, metric).item() for b, r in zip(batches, references))
+            scores[i] = total / count
+        return scores
+
+    return _steps(pattern, remove, score_round)
