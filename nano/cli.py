@@ -31,7 +31,7 @@ class _Style:
         return f"\033[{code}m{text}\033[0m" if self.enabled else text
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -55,7 +55,7 @@ def _summary(gen, budget, grace, seconds: float) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import nano
 
-    _quiet_transformers()
+    quiet_transformers()
     out, err = sys.stdout, sys.stderr
     style = _Style(out.isatty())
     if args.model is None:

@@ -137,6 +137,11 @@ class Shape:
         return embeddings + self.hidden + sum(self.layer_parameters(kind) for kind in self.pattern)
 
 
+def format_count(n: float) -> str:
+    """A parameter count as people write it: 8.888B, 146.982M."""
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.3f}M"
+
+
 def parameter_count(config: Any) -> int:
     """Parameters of a NemotronH model described by `config` (dict or transformers config)."""
     return Shape.of(config).parameters()
