@@ -89,7 +89,7 @@ def _dry_run(args, config, target) -> int:
     if isinstance(target, Sizes):
         check_plan(config, target.plan(config))
 
-    print(f"teacher: {_describe(config.to_dict(), teacher_counts, format_count(parameterformat_count(config)))}")
+    print(f"teacher: {_describe(config.to_dict(), teacher_counts, format_count(parameter_count(config)))}")
     if isinstance(target, Budget):
         # Which layers go is known only after the layer ranking: count with the first ones removed.
         drop = tuple(range(len(pattern) - (args.layers or len(pattern))))
@@ -176,7 +176,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     write(result, teacher.config, teacher.tokenizer, args.out, record, overwrite=args.overwrite)
     from nano.memory import parameter_count
 
-    print(f"pruned: {format_count(parameterformat_count(result.model.config))} parameters, pattern "
+    print(f"pruned: {format_count(parameter_count(result.model.config))} parameters, pattern "
           f"{result.model.config.hybrid_override_pattern}; stages (s): {result.seconds}")
     print(f"wrote {args.out}")
     return 0
