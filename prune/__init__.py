@@ -1,4 +1,5 @@
-"""Minitron-style pruning of hybrid checkpoints (depth and width, by activation importance).
+"""Minitron-style pruning of hybrid checkpoints: depth and width, by activation importance.
 
-Not built yet: see the pruning issue. Nothing here is importable API.
+`prune.pipeline.prune` runs it all; `prune.importance` scores, `prune.slicing` cuts,
+`prune.targets` names the target, `prune.search` searches a budget, `prune.cli` is `nanokit prune`.
 """
