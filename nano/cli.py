@@ -99,14 +99,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+def whole_number(minimum: int):
+    """An argparse type: a whole number of at least `minimum`, with an error naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def add_generate(sub) -> None:
@@ -119,8 +124,8 @@ def add_generate(sub) -> None:
     )
     p.add_argument("prompt", help="the user's message")
     p.add_argument("--model", help="checkpoint folder, or a shipped model's name (default: nano-tiny)")
-    p.add_argument("--budget", type=_non_negative, help="reasoning tokens allowed (0: reasoning off; default: no limit)")
-    p.add_argument("--grace", type=_non_negative, help="tokens allowed past the budget to finish a line (default: 10%% of it, at least 1)")
+    p.add_argument("--budget", type=whole_number(0), help="reasoning tokens allowed (0: reasoning off; default: no limit)")
+    p.add_argument("--grace", type=whole_number(0), help="tokens allowed past the budget to finish a line (default: 10%% of it, at least 1)")
     p.add_argument("--no-think", action="store_true", help="turn reasoning off")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--max-new-tokens", type=int, default=1024)

@@ -9,20 +9,13 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nano.cli import whole_number
 from nano.config import ATTENTION, MAMBA, MLP
 from nano.memory import format_count
 
 from .targets import PRESETS, Sizes, parameter_range, preset, pruned_counts
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+_positive = whole_number(1)
 
 
 def _params(text: str) -> float:

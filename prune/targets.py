@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from nano.config import ATTENTION, MAMBA, MLP
-from nano.memory import Shape, plan as memory_plan
+from nano.memory import Shape
 from nano.shapes import NANO_9B_V2
 
-from .slicing import Plan, pruned_pattern
+from .slicing import Plan
 
 PRESETS = {"nano-9b-v2": NANO_9B_V2}
 KINDS = (MAMBA, ATTENTION, MLP)
@@ -118,14 +118,3 @@ def pruned_counts(config, sizes: Sizes) -> dict[str, int]:
     if isinstance(removal, dict):
         return {k: pattern.count(k) - removal.get(k, 0) for k in KINDS}
     return {"layers": len(pattern) - removal}
-
-
-def memory_fits(config_fields, budget) -> tuple[bool, int]:
-    """Whether a config fits `budget` (("a10g", 131072)), and its total bytes."""
-    gpu, context = budget
-    result = memory_plan(config_fields, gpu, context)
-    return result.fits, result.total
-
-
-def kept_pattern(config, drop) -> str:
-    return pruned_pattern(config.hybrid_override_pattern, drop)
