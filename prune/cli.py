@@ -141,7 +141,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import nano
     from nano.cli import quiet_transformers
 
-    from .calibration import calibration_tokens
+    from .data import token_samples
     from .pipeline import prune, write
 
     import torch
@@ -149,7 +149,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     quiet_transformers()
     teacher = nano.load(teacher_dir, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"teacher: {teacher_dir} on {teacher.device}, {teacher.runtime_name()}", file=sys.stderr)
-    tokens = calibration_tokens(args.calib, teacher.tokenizer, args.samples, args.length)
+    tokens = token_samples(args.calib, teacher.tokenizer, args.samples, args.length)
     print(f"calibration: {tokens.shape[0]} samples of {tokens.shape[1]} tokens from {args.calib}", file=sys.stderr)
     result = prune(
         teacher.model, tokens, target, layers=args.layers, layer_samples=args.layer_samples,
@@ -210,3 +210,138 @@ def add_prune(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="read config.json only and print the pruned shape")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+
+def _distributed(device_arg):
+    """Join `torchrun`'s process group when launched by it; the device of this process."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available() and device_arg != "cpu":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+            return torch.device("cuda", local)
+        dist.init_process_group("gloo")
+        return torch.device("cpu")
+    if device_arg:
+        return torch.device(device_arg)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _saved_dtype(folder: Path):
+    import torch
+
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    import nano
+    from nano.atomic import atomic_dir
+    from nano.checkpoint import resolve
+    from nano.cli import quiet_transformers
+
+    from .data import token_samples
+    from .train import DistillConfig, distill, full_state_dict
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and not args.resume:
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
+    quiet_transformers()
+    device = _distributed(args.device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    student_dir = resolve(args.student)
+    teacher = nano.load(resolve(args.teacher), device=device)
+    student = nano.load(student_dir, device=device, dtype=torch.float32)  # fp32 master weights
+    if teacher.model.config.vocab_size != student.model.config.vocab_size:
+        raise ValueError(f"teacher and student vocabularies differ: {teacher.model.config.vocab_size} vs "
+                         f"{student.model.config.vocab_size}")
+    steps = args.tokens // (args.batch_size * args.seq_len)
+    if steps < 1:
+        raise ValueError(f"--tokens {args.tokens} is less than one step of {args.batch_size} x {args.seq_len} tokens")
+    eval_samples = args.eval_samples if args.eval_data is None else 0
+    tokens = token_samples(args.data, student.tokenizer, samples=steps * args.batch_size + eval_samples,
+                           length=args.seq_len)
+    if args.eval_data is not None:
+        train, held = tokens, token_samples(args.eval_data, student.tokenizer, args.eval_samples, args.seq_len)
+    elif tokens.shape[0] > eval_samples:
+        train, held = tokens[:-eval_samples], tokens[-eval_samples:]
+    else:
+        raise ValueError(f"{args.data}: {tokens.shape[0]} samples of {args.seq_len} tokens; more than "
+                         f"--eval-samples {eval_samples} are needed (or give --eval-data)")
+    config = DistillConfig(
+        steps=steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, min_lr=args.min_lr,
+        warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay, temperature=args.temperature,
+        top_k=args.top_k, ce_weight=args.ce_weight, eval_every=args.eval_every, save_every=args.save_every,
+        seed=args.seed, activation_checkpointing=not args.no_activation_checkpointing,
+    )
+    checkpoints = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".checkpoints")
+    if rank == 0:
+        print(f"distill: {steps} steps of {args.batch_size} x {args.seq_len} tokens on {world} process(es), "
+              f"{train.shape[0]} training samples, {held.shape[0]} held out; checkpoints in {checkpoints}",
+              file=sys.stderr)
+    history = distill(teacher.model, student.model, train, held, config, checkpoints=checkpoints,
+                      resume=args.resume, progress=sys.stderr.isatty())
+    state = full_state_dict(student.model)
+    if rank == 0:
+        dtype = _saved_dtype(student_dir)
+        with atomic_dir(out, overwrite=True) as tmp:
+            student.model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()})
+            student.tokenizer.save_pretrained(tmp)
+            record = dict(teacher=str(args.teacher), student=str(args.student), data=str(args.data),
+                          processes=world, config=config.__dict__, resumed_from=history.resumed_from,
+                          steps=history.steps, evals=history.evals)
+            (tmp / "distill.json").write_text(json.dumps(record, indent=1) + "\n")
+        last = history.evals[-1] if history.evals else {}
+        print(f"distilled: {steps} steps; held-out loss {last.get('lm_loss', float('nan')):.4f}, "
+              f"KL to the teacher {last.get('kl', float('nan')):.4f}; wrote {out}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def add_distill(sub) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="recover a pruned model by distillation on the teacher's logits",
+        description="Train the student on the teacher's logits (forward KL). Resumable; under torchrun, "
+        "sharded with FSDP2 over the processes.",
+    )
+    p.add_argument("--teacher", required=True, help="the teacher checkpoint folder")
+    p.add_argument("--student", required=True, help="the student checkpoint folder (e.g. from nanokit prune)")
+    p.add_argument("--data", required=True, help="training text: a folder or file of text, jsonl or parquet, or token ids")
+    p.add_argument("--tokens", type=_positive, required=True, help="training tokens (steps = tokens / (batch x seq-len))")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--eval-data", help="held-out text (default: the last --eval-samples samples of --data)")
+    p.add_argument("--eval-samples", type=_positive, default=16)
+    p.add_argument("--seq-len", type=_positive, default=4096)
+    p.add_argument("--batch-size", type=_positive, default=8, help="sequences per optimizer step, all processes together")
+    p.add_argument("--micro-batch", type=_positive, default=1, help="sequences per forward, per process")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=whole_number(0), default=20, help="warm-up steps")
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=_positive, help="distill on the teacher's top-k logits only")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of a next-token loss term (default 0)")
+    p.add_argument("--eval-every", type=_positive, default=50)
+    p.add_argument("--save-every", type=_positive, default=50)
+    p.add_argument("--checkpoints", help="checkpoint folder (default: OUT.checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-activation-checkpointing", action="store_true")
+    p.add_argument("--device", help="cpu, cuda, ... (under torchrun: each process's GPU)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_distill)

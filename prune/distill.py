@@ -1,7 +1,7 @@
-"""Logit distillation, as Minitron recovers a pruned model: forward KL on the teacher's logits.
+"""The short distillation the shape search ranks its finalists with, and the held-out loss it ranks by.
 
-This is the short form the shape search ranks candidates with (a few hundred steps); the
-loss is the one the full trainer uses.
+The loss and the loop are the trainer's (`prune.train`), run for a few hundred steps without
+checkpoints.
 """
 
 from __future__ import annotations
@@ -9,13 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Forward KL(teacher || student) per token, averaged over tokens, at `temperature`."""
-    vocab = student_logits.shape[-1]
-    log_q = F.log_softmax(student_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * temperature**2
+from .train import DistillConfig, distill
 
 
 @torch.no_grad()
@@ -32,28 +26,9 @@ def heldout_loss(model, tokens: torch.Tensor, batch_size: int = 4) -> float:
 
 
 def short_distill(teacher, student, tokens: torch.Tensor, steps: int, lr: float = 1e-4, batch_size: int = 4,
-                  warmup: int = 10, seed: int = 0, progress: bool = False) -> list[float]:
-    """`steps` AdamW steps of KL distillation of `student` (trained in place) from `teacher` on
-    batches drawn from `tokens`; returns the loss of each step."""
-    from tqdm.auto import tqdm
-
-    device = next(student.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    teacher.eval()
-    student.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="distill", disable=not progress, leave=False):
-        rows = torch.randint(0, tokens.shape[0], (batch_size,), generator=generator)
-        batch = tokens[rows].to(device)
-        with torch.no_grad():
-            target = teacher(input_ids=batch, use_cache=False).logits
-        loss = kd_loss(student(input_ids=batch, use_cache=False).logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    student.eval()
-    return losses
+                  seed: int = 0, progress: bool = False) -> list[float]:
+    """`steps` steps of KL distillation of `student` (in place) from `teacher`; each step's loss."""
+    config = DistillConfig(steps=steps, batch_size=batch_size, micro_batch=batch_size, lr=lr, min_lr=lr,
+                           warmup=min(10, steps), seed=seed, activation_checkpointing=False)
+    history = distill(teacher, student, tokens, None, config, progress=progress)
+    return [row["loss"] for row in history.steps]

@@ -13,7 +13,7 @@ from nano.cli import main
 from nano.memory import GIB, parameter_count, plan
 from nano.shapes import SHAPES, shape_config
 from nano.tiny import build_tiny_checkpoint
-from prune.calibration import calibration_tokens
+from prune.data import token_samples
 from prune.importance import (
     Importance,
     rank_layers,
@@ -264,18 +264,18 @@ def test_calibration_reads_text_jsonl_and_token_tensors(tmp_path, teacher):
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.py").write_text("def f(x):\n    return x + 1\n" * 40)
     (tmp_path / "text" / "b.jsonl").write_text(json.dumps({"text": "hello world " * 30}) + "\n")
-    tokens = calibration_tokens(tmp_path / "text", teacher.tokenizer, samples=5, length=64)
+    tokens = token_samples(tmp_path / "text", teacher.tokenizer, samples=5, length=64)
     assert tokens.shape == (5, 64) and tokens.dtype == torch.long
     saved = torch.randint(0, 100, (3, 32))
     torch.save(saved, tmp_path / "ids.pt")
-    assert torch.equal(calibration_tokens(tmp_path / "ids.pt", teacher.tokenizer, samples=2, length=16), saved[:2, :16])
+    assert torch.equal(token_samples(tmp_path / "ids.pt", teacher.tokenizer, samples=2, length=16), saved[:2, :16])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "x.bin").write_bytes(b"\0")
-    with pytest.raises(ValueError, match="no calibration text found"):
-        calibration_tokens(tmp_path / "empty", teacher.tokenizer)
+    with pytest.raises(ValueError, match="no text found"):
+        token_samples(tmp_path / "empty", teacher.tokenizer)
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: a calibration jsonl line needs a string field 'text'"):
-        calibration_tokens(tmp_path / "bad.jsonl", teacher.tokenizer)
+    with pytest.raises(ValueError, match="bad.jsonl:1: a jsonl line needs a string field 'text'"):
+        token_samples(tmp_path / "bad.jsonl", teacher.tokenizer)
 
 
 # The command.
@@ -333,7 +333,7 @@ def test_prune_command_errors_name_the_value(teacher_dir, tmp_path, capsys):
 
 
 def test_budget_search_keeps_the_best_candidate_under_the_budget(teacher, calib):
-    tokens = calibration_tokens(calib, teacher.tokenizer, samples=12, length=64)
+    tokens = token_samples(calib, teacher.tokenizer, samples=12, length=64)
     budget = 0.75 * parameter_count(teacher.config)
     result = prune(teacher.model, tokens, Budget(params=budget), heldout=4,
                    search_options=dict(screen=4, finalists=2, proxy_steps=3, batch_size=2))

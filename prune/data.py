@@ -1,8 +1,8 @@
-"""Calibration data: fixed-length token samples from text files, jsonl files, or saved token tensors.
+"""Token samples for calibration and training: fixed-length samples from text, jsonl, parquet or saved token ids.
 
 Text is read file by file (sorted by path, so a run is repeatable), tokenized, joined with the
 end-of-sequence token between documents, and cut into samples of `length` tokens. A jsonl file
-contributes the "text" field of each line. A `.pt` or `.safetensors` file holds the samples
+contributes the "text" field of each line, a parquet file its "text" column (needs pyarrow). A `.pt` or `.safetensors` file holds the samples
 themselves: one integer tensor of shape (samples, length).
 """
 
@@ -31,15 +31,25 @@ def _documents(path: Path):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{file}:{number}: not JSON ({e.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{file}:{number}: a calibration jsonl line needs a string field 'text'")
+                    raise ValueError(f"{file}:{number}: a jsonl line needs a string field 'text'")
                 yield record["text"]
+        elif file.suffix == ".parquet":
+            found = True
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ValueError(f"{file}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            table = pq.read_table(file)
+            if "text" not in table.column_names:
+                raise ValueError(f"{file}: a parquet file needs a 'text' column; it has {table.column_names}")
+            yield from (text for text in table.column("text").to_pylist() if text)
         elif file.suffix in TEXT_SUFFIXES or path == file:
             found = True
             yield file.read_text(encoding="utf-8", errors="replace")
     if not found:
         raise ValueError(
-            f"{path}: no calibration text found; give text files ({', '.join(sorted(TEXT_SUFFIXES))}), "
-            f"jsonl files with a 'text' field, or a {' / '.join(sorted(TENSOR_SUFFIXES))} file of token ids"
+            f"{path}: no text found; give text files ({', '.join(sorted(TEXT_SUFFIXES))}), jsonl files "
+            f"with a 'text' field, parquet files with a 'text' column, or a {' / '.join(sorted(TENSOR_SUFFIXES))} file of token ids"
         )
 
 
@@ -59,7 +69,7 @@ def _load_tensor(path: Path) -> torch.Tensor:
     return tokens.long()
 
 
-def calibration_tokens(path, tokenizer, samples: int = 1024, length: int = 4096) -> torch.Tensor:
+def token_samples(path, tokenizer, samples: int = 1024, length: int = 4096) -> torch.Tensor:
     """Up to `samples` samples of `length` tokens (LongTensor (n, length)) from `path`."""
     path = Path(path)
     if samples < 1 or length < 2:
