@@ -17,8 +17,11 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".cpp", ".js
 TENSOR_SUFFIXES = {".pt", ".safetensors"}
 
 
-def _documents(path: Path):
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+def _documents(path: Path | list[Path]):
+    if isinstance(path, list):
+        files = path
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     found = False
     for file in files:
         if file.suffix == ".jsonl":
@@ -43,7 +46,7 @@ def _documents(path: Path):
             if "text" not in table.column_names:
                 raise ValueError(f"{file}: a parquet file needs a 'text' column; it has {table.column_names}")
             yield from (text for text in table.column("text").to_pylist() if text)
-        elif file.suffix in TEXT_SUFFIXES or path == file:
+        elif file.suffix in TEXT_SUFFIXES or path == file or isinstance(path, list):
             found = True
             yield file.read_text(encoding="utf-8", errors="replace")
     if not found:
@@ -70,7 +73,10 @@ def _load_tensor(path: Path) -> torch.Tensor:
 
 
 def token_samples(path, tokenizer, samples: int = 1024, length: int = 4096) -> torch.Tensor:
-    """Up to `samples` samples of `length` tokens (LongTensor (n, length)) from `path`."""
+    """Up to `samples` samples of `length` tokens (LongTensor (n, length)) from `path` (a file, a
+    folder, or a list of files read in that order)."""
+    if isinstance(path, (list, tuple)):
+        return _pack(_documents([Path(p) for p in path]), tokenizer, samples, length, f"{len(path)} files")
     path = Path(path)
     if samples < 1 or length < 2:
         raise ValueError(f"samples must be >= 1 and length >= 2, got samples={samples}, length={length}")
@@ -81,10 +87,14 @@ def token_samples(path, tokenizer, samples: int = 1024, length: int = 4096) -> t
         if tokens.shape[1] < length:
             raise ValueError(f"{path}: samples are {tokens.shape[1]} tokens long, shorter than length={length}")
         return tokens[:samples, :length].contiguous()
+    return _pack(_documents(path), tokenizer, samples, length, str(path))
+
+
+def _pack(documents, tokenizer, samples: int, length: int, source: str) -> torch.Tensor:
     eos = tokenizer.eos_token_id
     buffer: list[int] = []
     out: list[torch.Tensor] = []
-    for text in _documents(path):
+    for text in documents:
         buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             buffer.append(eos)
@@ -94,5 +104,5 @@ def token_samples(path, tokenizer, samples: int = 1024, length: int = 4096) -> t
         if len(out) == samples:
             break
     if not out:
-        raise ValueError(f"{path}: the text makes fewer than {length} tokens, not even one sample")
+        raise ValueError(f"{source}: the text makes fewer than {length} tokens, not even one sample")
     return torch.stack(out)

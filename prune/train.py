@@ -130,15 +130,20 @@ def evaluate(teacher, student, tokens: torch.Tensor, config: DistillConfig, devi
         batch = tokens[start : start + config.micro_batch].to(device)
         with _autocast(device):
             s_logits = student(input_ids=batch, use_cache=False).logits
-            t_logits = teacher(input_ids=batch, use_cache=False).logits
         sums[0] += F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
         sums[1] += batch[:, 1:].numel()
-        sums[2] += kd_loss(s_logits, t_logits, config.temperature) * batch.numel()
-        sums[3] += batch.numel()
+        if teacher is not None:
+            with _autocast(device):
+                t_logits = teacher(input_ids=batch, use_cache=False).logits
+            sums[2] += kd_loss(s_logits, t_logits, config.temperature) * batch.numel()
+            sums[3] += batch.numel()
     if world > 1:
         dist.all_reduce(sums)
     student.train(was_training)
-    return {"lm_loss": (sums[0] / sums[1]).item(), "kl": (sums[2] / sums[3]).item()}
+    out = {"lm_loss": (sums[0] / sums[1]).item()}
+    if teacher is not None:
+        out["kl"] = (sums[2] / sums[3]).item()
+    return out
 
 
 def _autocast(device: torch.device):
@@ -190,7 +195,8 @@ class History:
 
 def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Tensor | None, config: DistillConfig,
             checkpoints: str | os.PathLike | None = None, resume: bool = False, progress: bool = False) -> History:
-    """Train `student` (in place) on `teacher`'s logits over `train_tokens` (samples, length).
+    """Train `student` (in place) on `teacher`'s logits over `train_tokens` (samples, length);
+    with `teacher=None`, on the next-token loss alone (training from scratch, the baseline).
 
     Run it in one process, or in each process of `torchrun` (after `dist.init_process_group`):
     the models are then sharded with FSDP2. Returns the loss of every step and the evaluations.
@@ -208,8 +214,10 @@ def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Ten
         _checkpointing(student, True)
     if world > 1:
         shard(student)
-        shard(teacher)
-    teacher.eval()
+        if teacher is not None:
+            shard(teacher)
+    if teacher is not None:
+        teacher.eval()
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
@@ -235,14 +243,17 @@ def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Ten
         total = torch.zeros((), device=device)
         for micro in range(accumulation):
             batch = train_tokens[mine[micro * config.micro_batch : (micro + 1) * config.micro_batch]].to(device)
-            with torch.no_grad(), _autocast(device):
-                t_logits = teacher(input_ids=batch, use_cache=False).logits
             with _autocast(device):
                 s_logits = student(input_ids=batch, use_cache=False).logits
-            loss = kd_loss(s_logits, t_logits, config.temperature, config.top_k)
-            if config.ce_weight:
-                ce = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
-                loss = loss + config.ce_weight * ce
+            if teacher is None:  # training from scratch: the next-token loss alone
+                loss = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+            else:
+                with torch.no_grad(), _autocast(device):
+                    t_logits = teacher(input_ids=batch, use_cache=False).logits
+                loss = kd_loss(s_logits, t_logits, config.temperature, config.top_k)
+                if config.ce_weight:
+                    ce = F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+                    loss = loss + config.ce_weight * ce
             (loss / accumulation).backward()
             total += loss.detach() / accumulation
         optimizer.step()
