@@ -92,6 +92,9 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=1024)
     parser.add_argument("--seconds", type=float,
                         help="size the runs to about this much training time instead, from a measured step time")
+    parser.add_argument("--only", choices=["pruned", "scratch"],
+                        help="run only the teacher and its pruned students, or only the scratch baseline "
+                        "(with the same --teacher-tokens and --student-tokens, the data and seeds are the same)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     out = Path(args.out)
@@ -146,6 +149,32 @@ def main() -> None:
         save()
         print(name, {k: v for k, v in record["stages"][name].items() if k not in ("curve", "train_loss")}, flush=True)
 
+    if args.only != "scratch":
+        pruned_students(args, record, run, train, held, device, save)
+    if args.only != "pruned":
+        torch.manual_seed(3)
+        scratch = NemotronHForCausalLM(tiny_config(**dict(TEACHER, hidden_size=416, intermediate_size=1920,
+                                                          mamba_num_heads=12))).to(device)
+        run("width shape, from scratch", scratch, None, student_steps, 1e-3, 1e-4)
+    if args.only is None:
+        finish(record, out)
+    record["total_seconds"] = round(time.perf_counter() - start, 1)
+    save()
+
+
+def finish(record: dict, out: Path) -> None:
+    t = record["teacher_heldout_loss"]
+    s = record["stages"]["width shape, from scratch"]["heldout_loss"]
+    d = record["stages"]["width, pruned + distilled"]["heldout_loss"]
+    record["gap_closed_by_distillation"] = (s - d) / (s - t)
+    plot(record, out / "loss.png")
+
+
+def pruned_students(args, record, run, train, held, device, save) -> None:
+    from transformers import NemotronHForCausalLM
+
+    student_steps = int(args.student_tokens // (args.batch_size * args.seq_len))
+    teacher_steps = int(args.teacher_tokens // (args.batch_size * args.seq_len))
     teacher = NemotronHForCausalLM(tiny_config(**TEACHER)).to(device)
     run("teacher", teacher, None, teacher_steps, 1e-3, 1e-4)
     teacher.eval()
@@ -170,19 +199,6 @@ def main() -> None:
     save()
     run("width, pruned + distilled", students["width"], teacher, student_steps, 3e-4, 3e-5)
     run("depth, pruned + distilled", students["depth"], teacher, student_steps, 3e-4, 3e-5)
-    torch.manual_seed(3)
-    scratch = NemotronHForCausalLM(tiny_config(**dict(TEACHER, hidden_size=416, intermediate_size=1920,
-                                                      mamba_num_heads=12))).to(device)
-    run("width shape, from scratch", scratch, None, student_steps, 1e-3, 1e-4)
-
-    t = record["teacher_heldout_loss"]
-    s = record["stages"]["width shape, from scratch"]["heldout_loss"]
-    d = record["stages"]["width, pruned + distilled"]["heldout_loss"]
-    record["gap_closed_by_distillation"] = (s - d) / (s - t)
-    record["total_seconds"] = round(time.perf_counter() - start, 1)
-    save()
-    plot(record, out / "loss.png")
-    print(json.dumps({k: v for k, v in record.items() if k not in ("stages", "teacher_shape")}, indent=1))
 
 
 def plot(record: dict, path: Path) -> None:
