@@ -12,6 +12,12 @@ Reported: held-out loss of the teacher, of each student untrained, distilled and
 and the share of the gap between scratch and teacher that distillation closes.
 
     python experiments/minitron/run.py --out experiments/minitron/results
+
+Or in two processes (each fits a 10-minute slot on the GPU machine), then merged:
+
+    python experiments/minitron/run.py --out A --only pruned --teacher-tokens T1 --student-tokens T2
+    python experiments/minitron/run.py --out B --only scratch --teacher-tokens T1 --student-tokens T2
+    python experiments/minitron/run.py --out experiments/minitron/results --merge A/results.json B/results.json
 """
 
 from __future__ import annotations
@@ -95,10 +101,14 @@ def main() -> None:
     parser.add_argument("--only", choices=["pruned", "scratch"],
                         help="run only the teacher and its pruned students, or only the scratch baseline "
                         "(with the same --teacher-tokens and --student-tokens, the data and seeds are the same)")
+    parser.add_argument("--merge", nargs=2, metavar=("PRUNED", "SCRATCH"),
+                        help="combine the results of an --only pruned and an --only scratch run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge(*map(Path, args.merge), out)
     device = torch.device(args.device)
     torch.manual_seed(0)
     from transformers import NemotronHForCausalLM
@@ -162,6 +172,18 @@ def main() -> None:
     save()
 
 
+def merge(pruned: Path, scratch: Path, out: Path) -> None:
+    record = json.loads(pruned.read_text())
+    other = json.loads(scratch.read_text())
+    if other["data"] != {**record["data"], "seconds": other["data"]["seconds"]}:
+        raise SystemExit(f"{pruned} and {scratch} did not run on the same data: {record['data']} vs {other['data']}")
+    record["stages"].update(other["stages"])
+    record["processes"] = [dict(role="teacher and pruned students", commit=record["commit"], command=record["command"], date=record["date"]),
+                           dict(role="scratch baseline", commit=other["commit"], command=other["command"], date=other["date"])]
+    finish(record, out)
+    (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def finish(record: dict, out: Path) -> None:
     t = record["teacher_heldout_loss"]
     s = record["stages"]["width shape, from scratch"]["heldout_loss"]
@@ -212,9 +234,10 @@ def plot(record: dict, path: Path) -> None:
         stage = record["stages"][name]
         curves.plot([c["tokens"] / 1e6 for c in stage["curve"]], [c["lm_loss"] for c in stage["curve"]], marker="o",
                     label=name)
-    curves.axhline(record["teacher_heldout_loss"], color="black", linestyle="--", label="teacher")
+    # The curves are taken on the first 64 held-out samples; the teacher's line on the same ones.
+    curves.axhline(record["stages"]["teacher"]["curve"][-1]["lm_loss"], color="black", linestyle="--", label="teacher")
     curves.set_xlabel("training tokens (millions)")
-    curves.set_ylabel("held-out loss (nats per byte)")
+    curves.set_ylabel("loss on 64 held-out samples (nats per byte)")
     curves.set_title("students of equal size, same tokens")
     curves.legend()
     names = ["teacher", "width, pruned, untrained", "depth, pruned, untrained", "width, pruned + distilled",
@@ -222,7 +245,7 @@ def plot(record: dict, path: Path) -> None:
     values = [record["stages"][n]["heldout_loss"] for n in names]
     bars.barh(range(len(names)), values, color=["black", "#bbb", "#bbb", "C0", "C1", "C2"])
     bars.set_yticks(range(len(names)), names)
-    bars.set_xlabel("held-out loss (nats per byte)")
+    bars.set_xlabel("loss on all 256 held-out samples (nats per byte)")
     for i, v in enumerate(values):
         bars.text(v, i, f" {v:.3f}", va="center")
     bars.invert_yaxis()
