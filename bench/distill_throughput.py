@@ -47,6 +47,23 @@ def build(shape: str, dtype, device):
         torch.set_default_dtype(default)
 
 
+def profile_step(teacher, student, tokens, batch, args) -> list[dict]:
+    """One more step (of the same trainer) under torch.profiler: the ops by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    config = DistillConfig(steps=1, batch_size=batch, micro_batch=1, warmup=1, activation_checkpointing=True)
+    with profile(activities=activities) as prof:
+        distill(teacher, student, tokens[:batch], None, config)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events) or 1
+    rows = sorted(events, key=lambda e: -e.self_device_time_total)[:20]
+    return [dict(op=e.key[:60], calls=e.count, device_ms=round(e.self_device_time_total / 1e3, 1),
+                 share=round(e.self_device_time_total / total, 3)) for e in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape-teacher", default="nano-12b-v2-base")
@@ -55,6 +72,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the rate")
     parser.add_argument("--batch", type=int, default=0, help="sequences per step (default: one per process)")
     parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--profile", action="store_true", help="profile one more step; list the costliest ops")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -98,7 +116,10 @@ def main() -> None:
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
         losses=" ".join(f"{s['loss']:.3f}" for s in history.steps),
     )
+    top = profile_step(teacher, student, tokens, batch, args) if args.profile else None
     if rank == 0:
+        if top:
+            write(f"profile-distill-{world}gpu", top, list(top[0]), "cuda" if cuda else "cpu")
         write(f"distill-throughput-{args.shape_teacher}-{args.shape_student}-{world}gpu", [row], list(row),
               "cuda" if cuda else "cpu", teacher=args.shape_teacher, student=args.shape_student,
               teacher_parameters=n_teacher, student_parameters=n_student, flops_per_token=flops_per_token,

@@ -111,8 +111,11 @@ def batch_indices(step: int, samples: int, batch_size: int, seed: int) -> torch.
 
 
 def shard(model: torch.nn.Module) -> None:
-    """FSDP2: shard each layer and the whole model over the processes of the default group."""
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2: shard each layer and the whole model over the processes of the default group (once)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return
 
     for layer in model.model.layers:
         fully_shard(layer)
