@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .budget import ANSWER, CONTROL, END, PAD, REASONING, BudgetController
+from .budget import ANSWER, END, PAD, REASONING, BudgetController
 from .config import context_length
 from .detokenize import IncrementalText, decode
 

@@ -76,7 +76,7 @@ def chunk_scan_torch(x, dt, A, B, C, D, dt_bias, initial_state, dt_limit=(0.0, m
     """The Mamba2 scan in chunks (the SSD algorithm) in PyTorch: quadratic within a chunk, a
     recurrence across chunks. The fallback where mamba-ssm's Triton kernel is not available."""
     b, length, heads, p = x.shape
-    groups, n = B.shape[2], B.shape[3]
+    groups = B.shape[2]
     dt = _discretize(dt, dt_bias, dt_limit)  # (b, l, h)
     pad = -length % chunk_size
     xf = F.pad(x.float(), (0, 0, 0, 0, 0, pad))

@@ -220,14 +220,14 @@ def test_pruning_nothing_gives_identical_logits(teacher, tokens):
 
 def test_slicing_refuses_impossible_sizes_naming_the_value(teacher):
     importance = width_importance(teacher.model, torch.randint(3, 200, (2, 16)))
-    for plan, message in [
+    for target, message in [
         (Plan(64, 128, 7, 4), "mamba_heads=7 is not possible: .* multiple of 2"),
         (Plan(65, 128, 8, 4), "hidden=65 is not possible: it must be between 1 and 64"),
         (Plan(64, 128, 8, 3), "attention_heads=3 is not possible"),
         (Plan(64, 128, 8, 4, drop=(12,)), "layers to drop \\[12\\]"),
     ]:
         with pytest.raises(ValueError, match=message):
-            slice_model(teacher.model, importance, plan)
+            slice_model(teacher.model, importance, target)
 
 
 # Targets and the memory model.
