@@ -96,7 +96,7 @@ def chunk_scan_torch(x, dt, A, B, C, D, dt_bias, initial_state, dt_limit=(0.0, m
     # Each chunk's contribution to the state at its end, then the recurrence across chunks.
     to_end = torch.exp(cum[:, :, -1:, :] - cum)  # (b, c, s, h)
     chunk_states = torch.einsum("bcsh,bcsh,bcshp,bcshn->bchpn", to_end, dtf, xf, Bf)
-    state = initial_state.float()
+    state = initial_state.float() if initial_state is not None else xf.new_zeros(b, heads, p, B.shape[3])
     starts = []
     for c in range(chunks):
         starts.append(state)

@@ -49,6 +49,7 @@ class DistillConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     activation_checkpointing: bool = True
+    fast_mamba: bool = True  # the Mamba mixers' training forward on mamba-ssm's Triton kernels (prune.mamba_training)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -110,16 +111,19 @@ def batch_indices(step: int, samples: int, batch_size: int, seed: int) -> torch.
     return torch.tensor(out)
 
 
-def shard(model: torch.nn.Module) -> None:
-    """FSDP2: shard each layer and the whole model over the processes of the default group (once)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+def shard(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: shard each layer and the whole model over the processes of the default group (once).
+    With `param_dtype`, the gathered weights are cast to it once per gather (fp32 masters stay
+    sharded) and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if isinstance(model, FSDPModule):
         return
-
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kwargs = {"mp_policy": policy} if policy else {}
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 @torch.no_grad()
@@ -215,8 +219,14 @@ def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Ten
     accumulation = per_process // config.micro_batch
     if config.activation_checkpointing:
         _checkpointing(student, True)
+    if config.fast_mamba:
+        from .mamba_training import use_fast_mamba
+
+        for model in (student, teacher):
+            if model is not None:
+                use_fast_mamba(model)
     if world > 1:
-        shard(student)
+        shard(student, torch.bfloat16 if device.type == "cuda" else None)
         if teacher is not None:
             shard(teacher)
     if teacher is not None:

@@ -139,3 +139,19 @@ def test_distill_command_errors(pair, data, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert main([*base, "--tokens", "100000", "--out", str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_fast_mamba_training_forward_matches_transformers(pair):
+    from prune.mamba_training import use_fast_mamba
+
+    ids = torch.randint(3, 260, (2, 40), generator=torch.Generator().manual_seed(4))
+    plain, fast = (nano.load(pair[0], device="cpu").model for _ in range(2))
+    assert "PyTorch" in use_fast_mamba(fast)
+    losses = []
+    for model in (plain, fast):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name

@@ -32,3 +32,22 @@ def test_importance_on_the_gpu_matches_the_transformers_twin(tmp_path):
     assert [s.layer for s in steps] == [s.layer for s in twin]
     for a, b in zip(steps, twin):
         assert all(abs(a.scores[i] - b.scores[i]) <= 1e-3 * max(1e-3, b.scores[i]) for i in a.scores)
+
+
+def test_the_triton_mamba_training_forward_matches_transformers(tmp_path):
+    from prune.mamba_training import use_fast_mamba
+
+    folder = build_tiny_checkpoint(tmp_path / "t", seed=3, **SHAPE)
+    plain, fast = (nano.load(folder, device="cuda", dtype=torch.float32).model for _ in range(2))
+    assert "Triton" in use_fast_mamba(fast)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = torch.randint(3, 260, (2, 256), generator=torch.Generator().manual_seed(4)).cuda()
+    losses = []
+    for model in (plain, fast):
+        model.train()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), name
