@@ -136,6 +136,65 @@ def add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .config import ConfigError, check_supported
+    from .memory import GIB, TARGETS, largest, plan
+
+    source = Path(args.config) if args.config else Path(args.model) / "config.json"
+    if not source.exists():
+        raise ValueError(f"{source}: not found; --model is a checkpoint folder, --config a config.json")
+    try:
+        config = json.loads(source.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    try:
+        check_supported(config, str(source))
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    options = dict(weight_dtype=args.dtype, kv_dtype=args.kv_dtype, ssm_dtype=args.ssm_dtype)
+    result = plan(config, args.gpu, args.context, args.batch, **options)
+    max_context = config.get("max_position_embeddings") or args.context
+    best_context = largest(lambda n: plan(config, args.gpu, n, args.batch, **options).fits,
+                           max(max_context, args.context))
+    best_batch = largest(lambda n: plan(config, args.gpu, args.context, n, **options).fits, 4096)
+    if args.json:
+        print(json.dumps(dict(result.as_dict(), gpu=args.gpu, **options, max_context=best_context,
+                              max_batch=best_batch)))
+        return 0
+    gib = lambda n: f"{n / GIB:8.2f} GiB"  # noqa: E731
+    print(f"{source}: batch {args.batch} x {args.context} tokens on {args.gpu} ({TARGETS.get(args.gpu.lower(), '?')} GiB usable)")
+    for name in ("weights", "kv_cache", "ssm_state", "conv_state", "workspace", "overhead"):
+        print(f"  {name:<10} {gib(getattr(result, name))}")
+    state = result.weights + result.kv_cache + result.ssm_state + result.conv_state
+    print(f"  {'total':<10} {gib(result.total)}   (weights and caches alone: {state / GIB:.2f} GiB)")
+    print(f"  {'usable':<10} {gib(result.usable)}   {'fits' if result.fits else 'does NOT fit'}")
+    print(f"largest context at batch {args.batch}: {best_context or 'none'}; largest batch at {args.context} tokens: "
+          f"{best_batch or 'none'}")
+    return 0
+
+
+def add_plan(sub) -> None:
+    from .memory import DTYPE_BYTES, TARGETS
+
+    p = sub.add_parser("plan", help="the memory a model needs on a GPU, before anything starts",
+                       description="Weights, KV cache (attention layers only), Mamba state, prefill workspace and "
+                       "overhead on one GPU; whether it fits, and the largest context and batch that do.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint folder (only its config.json is read)")
+    source.add_argument("--config", help="a config.json")
+    p.add_argument("--gpu", required=True, help=f"one of {', '.join(TARGETS)}")
+    p.add_argument("--context", type=whole_number(1), default=131072)
+    p.add_argument("--batch", type=whole_number(1), default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="weights")
+    p.add_argument("--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
+    p.add_argument("--ssm-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanokit",
@@ -143,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
+    add_plan(sub)
     for entry in entry_points(group="nanokit.commands"):
         entry.load()(sub)
     return parser

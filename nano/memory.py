@@ -226,3 +226,17 @@ def plan(
         context=context,
         batch=batch,
     )
+
+
+def largest(fits_at, upper: int) -> int:
+    """The largest n in 1..upper with `fits_at(n)` true (it is monotone), or 0 if none."""
+    if not fits_at(1):
+        return 0
+    low, high = 1, upper
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits_at(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low

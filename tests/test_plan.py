@@ -1,0 +1,58 @@
+"""`nanokit plan`: the memory model from the command line, on the published shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nano.cli import main
+from nano.memory import GIB
+from nano.shapes import shape_config
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    out = {}
+    for name in ("nano-9b-v2", "nano-12b-v2-base"):
+        shape_config(name).save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def plan_json(capsys, *args) -> dict:
+    assert main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_9b_fits_an_a10g_at_128k_and_the_12b_does_not(configs, capsys):
+    nine = plan_json(capsys, "--model", str(configs["nano-9b-v2"]), "--gpu", "a10g")
+    assert nine["fits"] and nine["max_context"] == 131072 and nine["max_batch"] == 1
+    # The brief: 16.56 GiB of weights + 2.0 GiB KV + 0.13 GiB SSM state, about 18.7 GiB.
+    state = (nine["weights"] + nine["kv_cache"] + nine["ssm_state"] + nine["conv_state"]) / GIB
+    assert abs(state - 18.7) / 18.7 < 0.02
+    assert nine["total"] == sum(nine[k] for k in ("weights", "kv_cache", "ssm_state", "conv_state", "workspace",
+                                                  "overhead"))
+    twelve = plan_json(capsys, "--config", str(configs["nano-12b-v2-base"] / "config.json"), "--gpu", "a10g")
+    assert not twelve["fits"] and twelve["max_context"] == 0
+    fp8 = plan_json(capsys, "--model", str(configs["nano-12b-v2-base"]), "--gpu", "a10g", "--dtype", "fp8")
+    assert fp8["fits"] and fp8["weights"] < twelve["weights"] / 1.9
+
+
+def test_largest_context_and_batch_are_the_edges_of_fitting(configs, capsys):
+    args = ["--model", str(configs["nano-9b-v2"]), "--gpu", "l4", "--context", "8192"]
+    result = plan_json(capsys, *args)
+    edge = plan_json(capsys, *args[:-1], "8192", "--batch", str(result["max_batch"]))
+    beyond = plan_json(capsys, *args[:-1], "8192", "--batch", str(result["max_batch"] + 1))
+    assert edge["fits"] and not beyond["fits"]
+
+
+def test_plan_prints_a_table_and_names_bad_input(configs, capsys):
+    assert main(["plan", "--model", str(configs["nano-9b-v2"]), "--gpu", "a10g"]) == 0
+    out = capsys.readouterr().out
+    assert "fits" in out and "weights and caches alone: 18.69 GiB" in out
+    assert main(["plan", "--model", str(configs["nano-9b-v2"]), "--gpu", "a11g"]) == 2
+    assert "unknown GPU 'a11g'" in capsys.readouterr().err
+    assert main(["plan", "--model", "/nonexistent", "--gpu", "a10g"]) == 2
+    assert "not found" in capsys.readouterr().err
