@@ -1,5 +1,8 @@
-"""Minitron-style pruning of hybrid checkpoints: depth and width, by activation importance.
+"""Minitron for hybrid checkpoints: prune depth and width by activation importance, then recover
+the pruned model by distillation on the teacher's logits.
 
-`prune.pipeline.prune` runs it all; `prune.importance` scores, `prune.slicing` cuts,
-`prune.targets` names the target, `prune.search` searches a budget, `prune.cli` is `nanokit prune`.
+`prune.pipeline.prune` runs the pruning; `prune.importance` scores, `prune.slicing` cuts,
+`prune.targets` names the target, `prune.search` searches a budget; `prune.train` is the
+distillation trainer, with `prune.mamba_training` for its Mamba forward on Triton kernels;
+`prune.data` reads text into token samples; `prune.cli` is `nanokit prune` and `nanokit distill`.
 """
