@@ -83,8 +83,7 @@ def main() -> None:
     importance = None
     if "importance" in args.stages:
         importance = stage(rows, "importance", lambda: width_importance(teacher, tokens, args.batch_size),
-                           samples=args.samples, tokens=args.samples * args.length,
-                           tokens_per_s=None)
+                           samples=args.samples, tokens=args.samples * args.length)
         rows[-1]["tokens_per_s"] = round(rows[-1]["tokens"] / rows[-1]["seconds"])
     drop = published_drop(config.hybrid_override_pattern, NANO_9B_V2["hybrid_override_pattern"])
     if "layers" in args.stages:

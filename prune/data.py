@@ -75,11 +75,11 @@ def _load_tensor(path: Path) -> torch.Tensor:
 def token_samples(path, tokenizer, samples: int = 1024, length: int = 4096) -> torch.Tensor:
     """Up to `samples` samples of `length` tokens (LongTensor (n, length)) from `path` (a file, a
     folder, or a list of files read in that order)."""
+    if samples < 1 or length < 2:
+        raise ValueError(f"samples must be >= 1 and length >= 2, got samples={samples}, length={length}")
     if isinstance(path, (list, tuple)):
         return _pack(_documents([Path(p) for p in path]), tokenizer, samples, length, f"{len(path)} files")
     path = Path(path)
-    if samples < 1 or length < 2:
-        raise ValueError(f"samples must be >= 1 and length >= 2, got samples={samples}, length={length}")
     if not path.exists():
         raise ValueError(f"{path}: calibration data not found")
     if path.suffix in TENSOR_SUFFIXES:
@@ -98,9 +98,11 @@ def _pack(documents, tokenizer, samples: int, length: int, source: str) -> torch
         buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             buffer.append(eos)
-        while len(buffer) >= length and len(out) < samples:
-            out.append(torch.tensor(buffer[:length]))
-            del buffer[:length]
+        start = 0  # cut the samples, then drop what they used once (not a shift per sample)
+        while len(buffer) - start >= length and len(out) < samples:
+            out.append(torch.tensor(buffer[start : start + length]))
+            start += length
+        del buffer[:start]
         if len(out) == samples:
             break
     if not out:

@@ -160,7 +160,7 @@ def main() -> None:
         print(name, {k: v for k, v in record["stages"][name].items() if k not in ("curve", "train_loss")}, flush=True)
 
     if args.only != "scratch":
-        pruned_students(args, record, run, train, held, device, save)
+        pruned_students(record, run, train, held, device, save, teacher_steps, student_steps, args.calibration_samples)
     if args.only != "pruned":
         torch.manual_seed(3)
         scratch = NemotronHForCausalLM(tiny_config(**dict(TEACHER, hidden_size=416, intermediate_size=1920,
@@ -192,18 +192,17 @@ def finish(record: dict, out: Path) -> None:
     plot(record, out / "loss.png")
 
 
-def pruned_students(args, record, run, train, held, device, save) -> None:
+def pruned_students(record, run, train, held, device, save, teacher_steps: int, student_steps: int,
+                    calibration_samples: int) -> None:
     from transformers import NemotronHForCausalLM
 
-    student_steps = int(args.student_tokens // (args.batch_size * args.seq_len))
-    teacher_steps = int(args.teacher_tokens // (args.batch_size * args.seq_len))
     teacher = NemotronHForCausalLM(tiny_config(**TEACHER)).to(device)
     run("teacher", teacher, None, teacher_steps, 1e-3, 1e-4)
     teacher.eval()
     record["teacher_heldout_loss"] = record["stages"]["teacher"]["heldout_loss"]
 
     calibration = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(2))]
-    calibration = calibration[: args.calibration_samples]
+    calibration = calibration[:calibration_samples]
     began = time.perf_counter()
     importance = width_importance(teacher, calibration, batch_size=64)
     steps = rank_layers(teacher, calibration[:16], dict(DEPTH.remove), batch_size=16)
