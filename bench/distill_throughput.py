@@ -7,6 +7,7 @@ FLOPs utilisation: (2 x teacher parameters + 6 x student parameters) x tokens/s 
 dense bf16 peak (the recomputation of activation checkpointing is not counted as useful work).
 
     torchrun --nproc_per_node 2 bench/distill_throughput.py --steps 4
+    torchrun --nproc_per_node 2 bench/distill_throughput.py --batch 4 --variant micro=1 --variant micro=2,teacher=replicate
     python bench/distill_throughput.py --shape-teacher tiny --shape-student tiny   # a CPU smoke run
 """
 
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,21 +50,75 @@ def build(shape: str, dtype, device):
         torch.set_default_dtype(default)
 
 
-def profile_step(teacher, student, tokens, batch, args) -> list[dict]:
-    """One more step (of the same trainer) under torch.profiler: the ops by self device time."""
+KERNEL_KINDS = [  # (category, pattern in the kernel's name), first match wins
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|sm80_", re.I)),
+    ("communication", re.compile(r"nccl", re.I)),
+    ("mamba triton", re.compile(r"chunk|state_passing|bmm|layer_norm|_fwd_kernel|_bwd_kernel", re.I)),
+    ("conv1d", re.compile(r"conv", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|foreach|adam", re.I)),
+    ("softmax and loss", re.compile(r"softmax|log_softmax|cross_entropy|kl_div|nll", re.I)),
+    ("copy and cast", re.compile(r"copy|cast|to_copy|fill|memset|memcpy", re.I)),
+]
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other elementwise")
+
+
+def profile_step(teacher, student, tokens, config: DistillConfig, world: int) -> tuple[list[dict], float]:
+    """One more step of `config` under torch.profiler: GPU kernel time by category, and the step's wall time.
+    Communication kernels run on their own streams and overlap the rest, so the shares may sum past 1."""
     from torch.profiler import ProfilerActivity, profile
 
+    one = replace(config, steps=1, warmup=1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    config = DistillConfig(steps=1, batch_size=batch, micro_batch=1, warmup=1, activation_checkpointing=True)
     with profile(activities=activities) as prof:
-        distill(teacher, student, tokens[:batch], None, config)
+        began = time.perf_counter()
+        distill(teacher, student, tokens[: config.batch_size], None, one)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    events = prof.key_averages()
-    total = sum(e.self_device_time_total for e in events) or 1
-    rows = sorted(events, key=lambda e: -e.self_device_time_total)[:20]
-    return [dict(op=e.key[:60], calls=e.count, device_ms=round(e.self_device_time_total / 1e3, 1),
-                 share=round(e.self_device_time_total / total, 3)) for e in rows]
+        wall = time.perf_counter() - began
+    totals: dict[str, list] = {}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA or not event.self_device_time_total:
+            continue
+        entry = totals.setdefault(kernel_kind(event.key), [0.0, 0, event.key, 0.0])
+        entry[0] += event.self_device_time_total / 1e3
+        entry[1] += event.count
+        if event.self_device_time_total / 1e3 > entry[3]:
+            entry[2], entry[3] = event.key, event.self_device_time_total / 1e3
+    rows = [dict(kind=kind, kernel_ms=round(ms, 1), share_of_step=round(ms / (wall * 1e3), 3), kernels=count,
+                 largest=largest[:70]) for kind, (ms, count, largest, _) in sorted(totals.items(), key=lambda kv: -kv[1][0])]
+    return rows, wall
+
+
+VARIANT_KEYS = {"batch": "batch_size", "micro": "micro_batch", "checkpoint": "checkpoint_kinds", "teacher": "shard_teacher"}
+
+
+def parse_variant(text: str, base: DistillConfig) -> DistillConfig:
+    """'micro=2,teacher=replicate,checkpoint=M' over the base settings; checkpoint=none turns it off."""
+    changes = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS:
+            raise SystemExit(f"--variant: unknown key {key!r} in {text!r}; known: {', '.join(VARIANT_KEYS)}")
+        if key in ("batch", "micro"):
+            changes[VARIANT_KEYS[key]] = int(value)
+        elif key == "teacher":
+            if value not in ("shard", "replicate"):
+                raise SystemExit(f"--variant: teacher={value!r}; use shard or replicate")
+            changes["shard_teacher"] = value == "shard"
+        elif value == "none":
+            changes["activation_checkpointing"] = False
+        else:
+            changes["checkpoint_kinds"] = value
+    return replace(base, **changes)
+
+
+def describe(config: DistillConfig) -> str:
+    checkpoint = config.checkpoint_kinds if config.activation_checkpointing else "none"
+    teacher = "shard" if config.shard_teacher else "replicate"
+    return f"batch={config.batch_size},micro={config.micro_batch},checkpoint={checkpoint},teacher={teacher}"
 
 
 def main() -> None:
@@ -72,7 +129,12 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the rate")
     parser.add_argument("--batch", type=int, default=0, help="sequences per step (default: one per process)")
     parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--profile", action="store_true", help="profile one more step; list the costliest ops")
+    parser.add_argument("--variant", action="append", metavar="KEY=VALUE,...",
+                        help="settings to time, e.g. 'micro=2,teacher=replicate,checkpoint=M' (keys: "
+                        f"{', '.join(VARIANT_KEYS)}); repeat for several; default: the trainer's defaults")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step of the fastest variant: GPU time by kernel category (GPU only)")
+    parser.add_argument("--name", default="", help="suffix of the results' file names")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -93,38 +155,56 @@ def main() -> None:
     teacher = build(args.shape_teacher, torch.bfloat16 if cuda else torch.float32, device)
     student = build(args.shape_student, torch.float32, device)
     build_s = time.perf_counter() - began
-    batch = args.batch or world
-    tokens = torch.randint(0, teacher.config.vocab_size, (batch * args.steps, args.seq_len),
-                           generator=torch.Generator().manual_seed(0))
-    config = DistillConfig(steps=args.steps, batch_size=batch, micro_batch=1, warmup=1, save_every=10**9,
-                           eval_every=10**9)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    history = distill(teacher, student, tokens, None, config)
-    timed = history.steps[args.warmup_steps :]
-    seconds = sum(s["seconds"] for s in timed)
-    tokens_per_s = len(timed) * batch * args.seq_len / seconds
+    base = DistillConfig(steps=args.steps, batch_size=args.batch or world, micro_batch=1, warmup=1,
+                         save_every=10**9, eval_every=10**9)
+    # Sharding the teacher cannot be undone in a process: the variants that keep it whole go first.
+    variants = sorted((parse_variant(v, base) for v in args.variant or [""]), key=lambda c: c.shard_teacher)
     n_teacher, n_student = parameter_count(teacher.config), parameter_count(student.config)
     flops_per_token = 2 * n_teacher + 6 * n_student
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    row = dict(
-        gpus=world, batch=batch, seq_len=args.seq_len, steps_timed=len(timed),
-        step_s=round(seconds / len(timed), 2), tokens_per_s=round(tokens_per_s),
-        tokens_per_s_per_gpu=round(tokens_per_s / world),
-        mfu=round(flops_per_token * tokens_per_s / (world * peak), 3) if peak else None,
-        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
-        losses=" ".join(f"{s['loss']:.3f}" for s in history.steps),
-    )
-    top = profile_step(teacher, student, tokens, batch, args) if args.profile else None
-    if rank == 0:
-        if top:
-            write(f"profile-distill-{world}gpu", top, list(top[0]), "cuda" if cuda else "cpu")
-        write(f"distill-throughput-{args.shape_teacher}-{args.shape_student}-{world}gpu", [row], list(row),
+    suffix = f"-{args.name}" if args.name else ""
+
+    def record(rows):
+        write(f"distill-throughput-{args.shape_teacher}-{args.shape_student}-{world}gpu{suffix}", rows, list(rows[0]),
               "cuda" if cuda else "cpu", teacher=args.shape_teacher, student=args.shape_student,
               teacher_parameters=n_teacher, student_parameters=n_student, flops_per_token=flops_per_token,
               peak_flops_per_gpu=peak, build_s=round(build_s, 1), torch=torch.__version__,
               transformers=transformers.__version__)
+
+    rows = []
+    for config in variants:
+        tokens = torch.randint(0, teacher.config.vocab_size, (config.batch_size * args.steps, args.seq_len),
+                               generator=torch.Generator().manual_seed(0))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        history = distill(teacher, student, tokens, None, replace(config, steps=args.steps))
+        timed = history.steps[args.warmup_steps :]
+        seconds = sum(s["seconds"] for s in timed)
+        tokens_per_s = len(timed) * config.batch_size * args.seq_len / seconds
+        rows.append(dict(
+            variant=describe(config), gpus=world, seq_len=args.seq_len, steps_timed=len(timed),
+            step_s=round(seconds / len(timed), 2), tokens_per_s=round(tokens_per_s),
+            tokens_per_s_per_gpu=round(tokens_per_s / world),
+            mfu=round(flops_per_token * tokens_per_s / (world * peak), 3) if peak else None,
+            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
+            losses=" ".join(f"{s['loss']:.3f}" for s in history.steps),
+        ))
+        if rank == 0:  # after every variant: a later one may run out of memory and end the run
+            record(rows)
+    if args.profile and not cuda and rank == 0:
+        print("--profile: GPU kernels only; nothing to profile on the CPU")
+    if args.profile and cuda:
+        # the teacher is as the last variant left it: profile the fastest of those run the same way
+        same = [i for i, c in enumerate(variants) if c.shard_teacher == variants[-1].shard_teacher]
+        fastest = rows[max(same, key=lambda i: rows[i]["tokens_per_s"])]
+        config = variants[rows.index(fastest)]
+        tokens = torch.randint(0, teacher.config.vocab_size, (config.batch_size, args.seq_len),
+                               generator=torch.Generator().manual_seed(1))
+        top, wall = profile_step(teacher, student, tokens, config, world)
+        if rank == 0:
+            write(f"profile-distill-{world}gpu{suffix}", top, list(top[0]), "cuda" if cuda else "cpu",
+                  variant=fastest["variant"], step_wall_s=round(wall, 3))
     if dist.is_initialized():
         dist.destroy_process_group()
 

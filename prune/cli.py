@@ -284,6 +284,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay, temperature=args.temperature,
         top_k=args.top_k, ce_weight=args.ce_weight, eval_every=args.eval_every, save_every=args.save_every,
         seed=args.seed, activation_checkpointing=not args.no_activation_checkpointing,
+        checkpoint_kinds=args.checkpoint_kinds, shard_teacher=not args.replicate_teacher,
     )
     checkpoints = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".checkpoints")
     if rank == 0:
@@ -342,6 +343,11 @@ def add_distill(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-activation-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-kinds", default="M*-",
+                   help="pattern letters of the layers recomputed in backward (default M*-: all); the others "
+                   "keep their activations, faster for more memory")
+    p.add_argument("--replicate-teacher", action="store_true",
+                   help="under torchrun, a whole teacher on every GPU instead of a shard (no weight gathers)")
     p.add_argument("--device", help="cpu, cuda, ... (under torchrun: each process's GPU)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_distill)

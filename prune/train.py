@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nano.atomic import atomic_dir
+from nano.config import layer_pattern
 
 
 @dataclass
@@ -49,6 +50,8 @@ class DistillConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     activation_checkpointing: bool = True
+    checkpoint_kinds: str = "M*-"  # pattern letters of the layers recomputed in backward; others keep activations
+    shard_teacher: bool = True  # under torchrun; False keeps a whole teacher per process (no gathers, more memory)
     fast_mamba: bool = True  # the Mamba mixers' training forward on mamba-ssm's Triton kernels (prune.mamba_training)
 
     def __post_init__(self):
@@ -56,6 +59,8 @@ class DistillConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"schedule must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if not self.checkpoint_kinds or set(self.checkpoint_kinds) - set("M*-E"):
+            raise ValueError(f"checkpoint_kinds takes pattern letters from 'M*-E', got {self.checkpoint_kinds!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {self.top_k}")
 
@@ -218,7 +223,7 @@ def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Ten
                          f"micro-batches of {config.micro_batch}")
     accumulation = per_process // config.micro_batch
     if config.activation_checkpointing:
-        _checkpointing(student, True)
+        _checkpointing(student, True, config.checkpoint_kinds)
     if config.fast_mamba:
         from .mamba_training import use_fast_mamba
 
@@ -227,7 +232,7 @@ def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Ten
                 use_fast_mamba(model)
     if world > 1:
         shard(student, torch.bfloat16 if device.type == "cuda" else None)
-        if teacher is not None:
+        if teacher is not None and config.shard_teacher:
             shard(teacher)
     if teacher is not None:
         teacher.eval()
@@ -291,8 +296,9 @@ def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Ten
     return history
 
 
-def _checkpointing(model, on: bool) -> None:
-    """Activation checkpointing on or off (transformers renamed it from gradient checkpointing)."""
+def _checkpointing(model, on: bool, kinds: str = "M*-") -> None:
+    """Activation checkpointing on or off, on the layers whose pattern letter is in `kinds`
+    (transformers renamed it from gradient checkpointing)."""
     if hasattr(model, "activation_checkpointing_enable"):
         if on:
             model.activation_checkpointing_enable({"use_reentrant": False})
@@ -302,6 +308,9 @@ def _checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
+    if on:
+        for layer, letter in zip(model.model.layers, layer_pattern(model.config.to_dict())):
+            layer.gradient_checkpointing = letter in kinds
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

@@ -115,12 +115,14 @@ def test_a_run_killed_and_resumed_ends_bitwise_where_an_uninterrupted_one_does(p
     assert nano.generate(model, "hi", max_new_tokens=4).finish_reason in ("length", "stop")
 
 
-def test_two_gloo_processes_with_fsdp2_match_one_process(pair, data, tmp_path):
+@pytest.mark.parametrize("options", [(), ("--replicate-teacher", "--checkpoint-kinds", "M")],
+                         ids=["sharded-teacher", "whole-teacher-mamba-recomputed"])
+def test_two_gloo_processes_with_fsdp2_match_one_process(pair, data, tmp_path, options):
     one = _run(_command(pair, data, tmp_path / "one", 6))
     assert one.wait(timeout=600) == 0, one.stdout.read()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "nano.cli",
-                          "distill", *_command(pair, data, tmp_path / "two", 6)],
+                          "distill", *_command(pair, data, tmp_path / "two", 6, options)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = (json.loads((tmp_path / name / "distill.json").read_text()) for name in ("one", "two"))
@@ -129,6 +131,18 @@ def test_two_gloo_processes_with_fsdp2_match_one_process(pair, data, tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
     wa, wb = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_checkpointing_chooses_layers_by_kind(pair):
+    from prune.train import _checkpointing
+
+    model = nano.load(pair[0], device="cpu").model  # pattern M-M*-M-
+    _checkpointing(model, True, "M*")
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False, True, True, False, True, False]
+    _checkpointing(model, False)
+    assert not any(layer.gradient_checkpointing for layer in model.model.layers)
+    with pytest.raises(ValueError, match=r"checkpoint_kinds takes pattern letters from 'M\*-E', got 'Mx'"):
+        DistillConfig(steps=1, checkpoint_kinds="Mx")
 
 
 def test_distill_command_errors(pair, data, tmp_path, capsys):
