@@ -53,7 +53,8 @@ def build(shape: str, dtype, device):
 KERNEL_KINDS = [  # (category, pattern in the kernel's name), first match wins
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|sm80_", re.I)),
     ("communication", re.compile(r"nccl", re.I)),
-    ("mamba triton", re.compile(r"chunk|state_passing|bmm|layer_norm|_fwd_kernel|_bwd_kernel", re.I)),
+    ("fsdp copy-in/out", re.compile(r"chunk_cat|split_with_sizes_copy|foreach_copy|all_gather_copy", re.I)),
+    ("mamba triton", re.compile(r"^_\w+_kernel")),
     ("conv1d", re.compile(r"conv", re.I)),
     ("optimizer", re.compile(r"multi_tensor|foreach|adam", re.I)),
     ("softmax and loss", re.compile(r"softmax|log_softmax|cross_entropy|kl_div|nll", re.I)),
@@ -65,9 +66,10 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other elementwise")
 
 
-def profile_step(teacher, student, tokens, config: DistillConfig, world: int) -> tuple[list[dict], float]:
-    """One more step of `config` under torch.profiler: GPU kernel time by category, and the step's wall time.
-    Communication kernels run on their own streams and overlap the rest, so the shares may sum past 1."""
+def profile_step(teacher, student, tokens, config: DistillConfig, world: int) -> tuple[list[dict], list[dict], float]:
+    """One more step of `config` under torch.profiler: GPU kernel time by category, the costliest kernels,
+    and the step's wall time. Communication kernels run on their own streams and overlap the rest (and
+    their time includes waiting for the other processes), so the shares may sum past 1."""
     from torch.profiler import ProfilerActivity, profile
 
     one = replace(config, steps=1, warmup=1)
@@ -79,9 +81,9 @@ def profile_step(teacher, student, tokens, config: DistillConfig, world: int) ->
             torch.cuda.synchronize()
         wall = time.perf_counter() - began
     totals: dict[str, list] = {}
-    for event in prof.key_averages():
-        if event.device_type != torch.autograd.DeviceType.CUDA or not event.self_device_time_total:
-            continue
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+               and e.self_device_time_total and not e.is_user_annotation]
+    for event in kernels:
         entry = totals.setdefault(kernel_kind(event.key), [0.0, 0, event.key, 0.0])
         entry[0] += event.self_device_time_total / 1e3
         entry[1] += event.count
@@ -89,7 +91,9 @@ def profile_step(teacher, student, tokens, config: DistillConfig, world: int) ->
             entry[2], entry[3] = event.key, event.self_device_time_total / 1e3
     rows = [dict(kind=kind, kernel_ms=round(ms, 1), share_of_step=round(ms / (wall * 1e3), 3), kernels=count,
                  largest=largest[:70]) for kind, (ms, count, largest, _) in sorted(totals.items(), key=lambda kv: -kv[1][0])]
-    return rows, wall
+    top = [dict(kernel=e.key[:110], kind=kernel_kind(e.key), calls=e.count, kernel_ms=round(e.self_device_time_total / 1e3, 1))
+           for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]]
+    return rows, top, wall
 
 
 VARIANT_KEYS = {"batch": "batch_size", "micro": "micro_batch", "checkpoint": "checkpoint_kinds", "teacher": "shard_teacher"}
@@ -201,10 +205,10 @@ def main() -> None:
         config = variants[rows.index(fastest)]
         tokens = torch.randint(0, teacher.config.vocab_size, (config.batch_size, args.seq_len),
                                generator=torch.Generator().manual_seed(1))
-        top, wall = profile_step(teacher, student, tokens, config, world)
+        kinds, top, wall = profile_step(teacher, student, tokens, config, world)
         if rank == 0:
-            write(f"profile-distill-{world}gpu{suffix}", top, list(top[0]), "cuda" if cuda else "cpu",
-                  variant=fastest["variant"], step_wall_s=round(wall, 3))
+            write(f"profile-distill-{world}gpu{suffix}", kinds, list(kinds[0]), "cuda" if cuda else "cpu",
+                  variant=fastest["variant"], step_wall_s=round(wall, 3), kernels=top)
     if dist.is_initialized():
         dist.destroy_process_group()
 

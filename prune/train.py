@@ -238,7 +238,7 @@ def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Ten
         teacher.eval()
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.95))
+                                  betas=(0.9, 0.95), fused=True if device.type == "cuda" else None)
     history = History()
     start_step = 0
     folder = Path(checkpoints) if checkpoints is not None else None
