@@ -48,6 +48,20 @@ def gated_rms_norm_torch(y, z, weight, eps: float, group_size: int):
     return (weight.float() * h.view(shape)).to(y.dtype)
 
 
+def causal_conv1d_silu(x, weight, bias):
+    """The Mamba conv then SiLU on (batch, T, channels), channels last: silu(conv1d(x^T)[..., :T])^T
+    for a depthwise causal conv with weight (channels, 1, width), in fp32, out in x's dtype.
+    Shifted multiply-adds over contiguous rows, so compiled it is one kernel each way, no transposes."""
+    width, length = weight.shape[-1], x.shape[1]
+    padded = F.pad(x, (0, 0, width - 1, 0)).float()
+    out = padded[:, width - 1 :] * weight[:, 0, width - 1].float()
+    for k in range(width - 1):
+        out = out + padded[:, k : k + length] * weight[:, 0, k].float()
+    if bias is not None:
+        out = out + bias.float()
+    return F.silu(out).to(x.dtype)
+
+
 def _discretize(dt, dt_bias, dt_limit):
     dt = F.softplus(dt.float() + dt_bias.float())
     return dt.clamp(min=dt_limit[0], max=dt_limit[1])

@@ -52,7 +52,7 @@ class DistillConfig:
     activation_checkpointing: bool = True
     checkpoint_kinds: str = "M*-"  # pattern letters of the layers recomputed in backward; others keep activations
     shard_teacher: bool = True  # under torchrun; False keeps a whole teacher per process (no gathers, more memory)
-    fast_mamba: bool = True  # the Mamba mixers' training forward on mamba-ssm's Triton kernels (prune.mamba_training)
+    fast_forward: bool = True  # Mamba on mamba-ssm's Triton kernels, norms and ReLU^2 compiled (prune.fast_training)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -224,12 +224,12 @@ def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Ten
     accumulation = per_process // config.micro_batch
     if config.activation_checkpointing:
         _checkpointing(student, True, config.checkpoint_kinds)
-    if config.fast_mamba:
-        from .mamba_training import use_fast_mamba
+    if config.fast_forward:
+        from .fast_training import use_fast_training
 
         for model in (student, teacher):
             if model is not None:
-                use_fast_mamba(model)
+                use_fast_training(model)
     if world > 1:
         shard(student, torch.bfloat16 if device.type == "cuda" else None)
         if teacher is not None and config.shard_teacher:

@@ -155,12 +155,12 @@ def test_distill_command_errors(pair, data, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_the_fast_mamba_training_forward_matches_transformers(pair):
-    from prune.mamba_training import use_fast_mamba
+def test_the_fast_training_forward_matches_transformers(pair):
+    from prune.fast_training import use_fast_training
 
     ids = torch.randint(3, 260, (2, 40), generator=torch.Generator().manual_seed(4))
     plain, fast = (nano.load(pair[0], device="cpu").model for _ in range(2))
-    assert "PyTorch" in use_fast_mamba(fast)
+    assert "PyTorch" in use_fast_training(fast)
     losses = []
     for model in (plain, fast):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss

@@ -34,12 +34,12 @@ def test_importance_on_the_gpu_matches_the_transformers_twin(tmp_path):
         assert all(abs(a.scores[i] - b.scores[i]) <= 1e-3 * max(1e-3, b.scores[i]) for i in a.scores)
 
 
-def test_the_triton_mamba_training_forward_matches_transformers(tmp_path):
-    from prune.mamba_training import use_fast_mamba
+def test_the_triton_training_forward_matches_transformers(tmp_path):
+    from prune.fast_training import use_fast_training
 
     folder = build_tiny_checkpoint(tmp_path / "t", seed=3, **SHAPE)
     plain, fast = (nano.load(folder, device="cuda", dtype=torch.float32).model for _ in range(2))
-    assert "Triton" in use_fast_mamba(fast)
+    assert "Triton" in use_fast_training(fast)
     torch.backends.cuda.matmul.allow_tf32 = False
     ids = torch.randint(3, 260, (2, 256), generator=torch.Generator().manual_seed(4)).cuda()
     losses = []

@@ -12,6 +12,7 @@ import torch
 
 import nano
 from nano.kernels import (
+    causal_conv1d_silu,
     chunk_scan_sequential,
     chunk_scan_torch,
     gated_rms_norm_torch,
@@ -54,6 +55,22 @@ def test_one_step_update_is_one_step_of_the_scan():
     y = state_update_torch(state, inputs["x"][:, 0], inputs["dt"][:, 0], inputs["A"], inputs["B"][:, 0], inputs["C"][:, 0], inputs["D"], inputs["dt_bias"])
     torch.testing.assert_close(y, y_scan[:, 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, state_scan, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_channels_last_conv_is_the_depthwise_causal_conv(with_bias):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 19, 12, generator=g, requires_grad=True)
+    weight = torch.randn(12, 1, 4, generator=g, requires_grad=True)
+    bias = torch.randn(12, generator=g, requires_grad=True) if with_bias else None
+    twin = torch.nn.functional.silu(torch.nn.functional.conv1d(x.transpose(1, 2), weight, bias, padding=3, groups=12)[..., :19])
+    twin = twin.transpose(1, 2)
+    fast = causal_conv1d_silu(x, weight, bias)
+    assert torch.allclose(fast, twin, atol=1e-6)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    grads = torch.autograd.grad(fast.square().sum(), inputs)
+    twin_grads = torch.autograd.grad(twin.square().sum(), inputs)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, twin_grads))
 
 
 def test_norms_match_transformers_modules(tiny):
