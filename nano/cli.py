@@ -141,7 +141,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import ConfigError, check_supported
-    from .memory import GIB, TARGETS, largest, plan
+    from .memory import GIB, TARGETS, check_quant_runs_on, fit
 
     source = Path(args.config) if args.config else Path(args.model) / "config.json"
     if not source.exists():
@@ -154,15 +154,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         check_supported(config, str(source))
     except ConfigError as e:
         raise ValueError(str(e)) from None
-    options = dict(weight_dtype=args.dtype, kv_dtype=args.kv_dtype, ssm_dtype=args.ssm_dtype)
-    result = plan(config, args.gpu, args.context, args.batch, **options)
-    max_context = config.get("max_position_embeddings") or args.context
-    best_context = largest(lambda n: plan(config, args.gpu, n, args.batch, **options).fits,
-                           max(max_context, args.context))
-    best_batch = largest(lambda n: plan(config, args.gpu, args.context, n, **options).fits, 4096)
+    options = dict(weight_dtype=args.dtype, kv_dtype=args.kv_dtype, ssm_dtype=args.ssm_dtype, quant=args.quant,
+                   recipe=args.recipe)
+    if args.quant:
+        check_quant_runs_on(args.quant, args.gpu)
+    found = fit(config, args.gpu, args.context, args.batch, config.get("max_position_embeddings"), **options)
+    result, best_context, best_batch = found.plan, found.max_context, found.max_batch
     if args.json:
         print(json.dumps(dict(result.as_dict(), gpu=args.gpu, **options, max_context=best_context,
-                              max_batch=best_batch)))
+                              max_batch=best_batch, quantizations_that_fit=[list(q) for q in found.quantizations])))
         return 0
     gib = lambda n: f"{n / GIB:8.2f} GiB"  # noqa: E731
     print(f"{source}: batch {args.batch} x {args.context} tokens on {args.gpu} ({TARGETS.get(args.gpu.lower(), '?')} GiB usable)")
@@ -173,11 +173,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"  {'usable':<10} {gib(result.usable)}   {'fits' if result.fits else 'does NOT fit'}")
     print(f"largest context at batch {args.batch}: {best_context or 'none'}; largest batch at {args.context} tokens: "
           f"{best_batch or 'none'}")
+    if not result.fits:
+        print(f"short by {found.shortfall / GIB:.2f} GiB: {found.advice()}")
     return 0
 
 
 def add_plan(sub) -> None:
-    from .memory import DTYPE_BYTES, TARGETS
+    from .memory import DTYPE_BYTES, QUANT_FORMATS, RECIPES, TARGETS
 
     p = sub.add_parser("plan", help="the memory a model needs on a GPU, before anything starts",
                        description="Weights, KV cache (attention layers only), Mamba state, prefill workspace and "
@@ -188,7 +190,10 @@ def add_plan(sub) -> None:
     p.add_argument("--gpu", required=True, help=f"one of {', '.join(TARGETS)}")
     p.add_argument("--context", type=whole_number(1), default=131072)
     p.add_argument("--batch", type=whole_number(1), default=1)
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="weights")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="weights (the unquantized ones, with --quant)")
+    p.add_argument("--quant", choices=list(QUANT_FORMATS), help="quantize the weights --recipe names, as nanokit export does")
+    p.add_argument("--recipe", choices=list(RECIPES), default="conservative",
+                   help="conservative: MLP weights only; aggressive: the Mamba projections too")
     p.add_argument("--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     p.add_argument("--ssm-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")

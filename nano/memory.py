@@ -5,7 +5,8 @@ the exporters (which size a deployment before the engine starts). It reads a con
 a transformers config, or anything with the same attribute names; no weights are touched.
 
 Memory on one GPU, for `batch` sequences of `context` tokens:
-- weights: every parameter at the weight dtype;
+- weights: every parameter at the weight dtype, or, quantized, the groups a recipe quantizes at the
+  quantized format's bytes and the rest at the weight dtype;
 - kv_cache: K and V of the attention layers only (`2 * kv_heads * head_dim` values per token each);
 - ssm_state: the Mamba state, `heads * head_dim * state` per layer and sequence (fp32 by default,
   as NVIDIA requires for accuracy), and conv_state: the last `conv_kernel - 1` inputs of the conv;
@@ -49,6 +50,29 @@ TARGETS = {
     "orin-32": 27.0,
     "orin-64": 56.0,
     "thor": 110.0,
+}
+
+# The GPU generation of each target, which decides the quantized formats it has kernels for.
+ARCHITECTURES = {
+    "a10g": "ampere", "l4": "ada", "l40s": "ada", "rtx4090": "ada", "a100-40": "ampere", "a100-80": "ampere",
+    "h100": "hopper", "h200": "hopper", "orin-8": "ampere", "orin-16": "ampere", "orin-32": "ampere",
+    "orin-64": "ampere", "thor": "blackwell",
+}
+
+# Quantized formats: the bytes of their weights (a DTYPE_BYTES key) and the generations that run them
+# (FP8 tensor cores from Ada on, FP4 on Blackwell; INT4 AWQ is weight-only and runs on Ampere too).
+QUANT_FORMATS = {
+    "fp8": ("fp8", ("ada", "hopper", "blackwell")),
+    "int4_awq": ("int4", ("ampere", "ada", "hopper", "blackwell")),
+    "nvfp4": ("nvfp4", ("blackwell",)),
+}
+
+# The parameter groups each recipe quantizes. NVIDIA's conservative recipe for Mamba hybrids keeps
+# attention, the conv, the Mamba projections, embeddings and the head in 16 bits; the aggressive one
+# quantizes the Mamba projections too.
+RECIPES = {
+    "conservative": ("mlp",),
+    "aggressive": ("mlp", "mamba_in_proj", "mamba_out_proj"),
 }
 
 PREFILL_CHUNK = 4096
@@ -132,9 +156,35 @@ class Shape:
             return h + 2 * h * self.ffn
         raise ValueError(f"layer kind {kind!r} is not one of 'M' (Mamba2), '*' (attention), '-' (MLP)")
 
+    def parameter_groups(self) -> dict[str, int]:
+        """Parameters by the group a quantization recipe names (see RECIPES); they sum to `parameters()`."""
+        h, m, a = self.hidden, self.pattern.count(MAMBA), self.pattern.count(ATTENTION)
+        q, kv = self.attention_heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "embeddings": self.vocab * h,
+            "lm_head": 0 if self.tied else self.vocab * h,
+            "norms": h * (len(self.pattern) + 1),
+            "mamba_in_proj": m * h * (self.mamba_inner + self.conv_dim + self.mamba_heads),
+            "mamba_out_proj": m * self.mamba_inner * h,
+            "mamba_conv": m * (self.conv_dim * self.conv_kernel + (self.conv_dim if self.conv_bias else 0)),
+            "mamba_other": m * (3 * self.mamba_heads + self.mamba_inner),  # A_log, D, dt_bias, the gated norm
+            "attention": a * (h * (q + 2 * kv) + q * h),
+            "mlp": self.pattern.count(MLP) * 2 * h * self.ffn,
+        }
+
     def parameters(self) -> int:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return embeddings + self.hidden + sum(self.layer_parameters(kind) for kind in self.pattern)
+
+    def weight_bytes(self, dtype: str = "bf16", quant: str | None = None, recipe: str = "conservative") -> int:
+        """Bytes of the weights: all at `dtype`, or the groups `recipe` quantizes in the `quant` format."""
+        groups = self.parameter_groups()
+        if quant is None:
+            return int(sum(groups.values()) * _bytes_of(dtype))
+        quantized = quant_bytes(quant)
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+        return int(sum(n * (quantized if name in RECIPES[recipe] else _bytes_of(dtype)) for name, n in groups.items()))
 
 
 def format_count(n: float) -> str:
@@ -189,6 +239,23 @@ def _bytes_of(dtype: str) -> float:
     return DTYPE_BYTES[dtype]
 
 
+def quant_bytes(quant: str) -> float:
+    """Bytes per weight of a quantized format (scales included)."""
+    if quant not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization {quant!r}; known: {', '.join(QUANT_FORMATS)}")
+    return DTYPE_BYTES[QUANT_FORMATS[quant][0]]
+
+
+def check_quant_runs_on(quant: str, target: str) -> None:
+    """Refuse a quantized format that the target's GPU generation has no kernels for."""
+    quant_bytes(quant)
+    arch = ARCHITECTURES.get(target.lower())
+    if arch is not None and arch not in QUANT_FORMATS[quant][1]:
+        runs = [q for q, (_, archs) in QUANT_FORMATS.items() if arch in archs]
+        raise ValueError(f"{quant} does not run on {target} ({arch.capitalize()}: no kernels for it); "
+                         f"quantizations that do: {', '.join(runs)}")
+
+
 def plan(
     config: Any,
     target: str | float,
@@ -198,8 +265,11 @@ def plan(
     kv_dtype: str = "bf16",
     ssm_dtype: str = "fp32",
     activation_dtype: str = "bf16",
+    quant: str | None = None,
+    recipe: str = "conservative",
 ) -> MemoryPlan:
-    """The memory `config` needs for `batch` sequences of `context` tokens on `target`."""
+    """The memory `config` needs for `batch` sequences of `context` tokens on `target`; with `quant`,
+    the weights `recipe` quantizes are in that format (see RECIPES) and the rest at `weight_dtype`."""
     if context < 1 or batch < 1:
         raise ValueError(f"context and batch must be at least 1, got context={context}, batch={batch}")
     s = Shape.of(config)
@@ -216,7 +286,7 @@ def plan(
     chunk_states = (tokens // 128 + 1) * s.mamba_heads * s.mamba_head_dim * s.state * 4 if mamba_layers else 0
     workspace = tokens * (widest + 3 * s.hidden) * act + chunk_states
     return MemoryPlan(
-        weights=int(s.parameters() * _bytes_of(weight_dtype)),
+        weights=s.weight_bytes(weight_dtype, quant, recipe),
         kv_cache=int(kv),
         ssm_state=int(ssm),
         conv_state=int(conv),
@@ -240,3 +310,45 @@ def largest(fits_at, upper: int) -> int:
         else:
             high = middle - 1
     return low
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A plan with what to change when it does not fit: the largest context and batch that do, and
+    the quantizations (format, recipe) that fit at the asked context on this target's generation."""
+
+    plan: MemoryPlan
+    max_context: int
+    max_batch: int
+    quantizations: tuple[tuple[str, str], ...]
+
+    @property
+    def shortfall(self) -> int:
+        """Bytes over the usable memory (0 when it fits)."""
+        return max(0, self.plan.total - self.plan.usable)
+
+    def advice(self) -> str:
+        """One sentence on what would fit, for an error message."""
+        options = []
+        if self.max_context:
+            options.append(f"a context of at most {self.max_context} tokens")
+        if self.plan.batch > 1 and self.max_batch:
+            options.append(f"a batch of at most {self.max_batch}")
+        options += [f"--quant {q} --recipe {r}" for q, r in self.quantizations[:2]]
+        return ("it would fit with " + " or ".join(options)) if options else "nothing fits this target; choose a larger GPU"
+
+
+def fit(config: Any, target: str | float, context: int, batch: int = 1, max_context: int | None = None,
+        **options) -> Fit:
+    """`plan(...)` with the largest context (up to `max_context`) and batch that fit, and the
+    quantizations that would make the asked context fit."""
+    result = plan(config, target, context, batch, **options)
+    best_context = largest(lambda n: plan(config, target, n, batch, **options).fits, max(max_context or context, context))
+    best_batch = largest(lambda n: plan(config, target, context, n, **options).fits, 4096)
+    arch = ARCHITECTURES.get(str(target).lower())
+    quantizations = tuple(
+        (quant, recipe) for recipe in RECIPES for quant, (_, archs) in QUANT_FORMATS.items()
+        if (arch is None or arch in archs) and quant != options.get("quant")
+        and plan(config, target, context, batch, **dict(options, quant=quant, recipe=recipe)).fits
+    )
+    return Fit(result, best_context, best_batch, quantizations)

@@ -56,3 +56,31 @@ def test_plan_prints_a_table_and_names_bad_input(configs, capsys):
     assert "unknown GPU 'a11g'" in capsys.readouterr().err
     assert main(["plan", "--model", "/nonexistent", "--gpu", "a10g"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_parameter_groups_sum_to_the_count_and_recipes_quantize_theirs():
+    from nano.memory import RECIPES, Shape
+
+    shape = Shape.of(shape_config("nano-12b-v2-base"))
+    groups = shape.parameter_groups()
+    assert sum(groups.values()) == shape.parameters() == 12310001152
+    bf16 = shape.weight_bytes()
+    for recipe, quantized in RECIPES.items():
+        share = sum(groups[g] for g in quantized)
+        assert shape.weight_bytes("bf16", "fp8", recipe) == int(bf16 - share)  # 2 bytes -> 1 byte each
+    assert shape.weight_bytes("bf16", "int4_awq", "aggressive") < shape.weight_bytes("bf16", "int4_awq", "conservative")
+
+
+def test_a_12b_that_does_not_fit_says_by_how_much_and_what_would(configs, capsys):
+    args = ["--model", str(configs["nano-12b-v2-base"]), "--gpu", "a10g"]
+    assert main(["plan", *args]) == 0
+    out = capsys.readouterr().out
+    assert "short by 5.02 GiB: it would fit with --quant int4_awq --recipe conservative" in out
+    result = plan_json(capsys, *args)
+    assert ["int4_awq", "conservative"] in result["quantizations_that_fit"]
+    assert all(q != "fp8" for q, _ in result["quantizations_that_fit"])  # no FP8 kernels on an A10G (Ampere)
+    quantized = plan_json(capsys, *args, "--quant", "int4_awq")
+    assert quantized["fits"] and quantized["max_context"] == 131072
+    assert main(["plan", *args, "--quant", "fp8"]) == 2
+    assert "fp8 does not run on a10g (Ampere: no kernels for it); quantizations that do: int4_awq" in capsys.readouterr().err
+    assert plan_json(capsys, "--model", str(configs["nano-12b-v2-base"]), "--gpu", "l40s", "--quant", "fp8")["fits"]
