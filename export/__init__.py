@@ -1,4 +1,6 @@
-"""Deployment exports: TensorRT-LLM (A10G to 8 x H100) and ONNX for Jetson.
+"""Deployment exports: bundles sized by the memory planner.
 
-Not built yet: see the export issues. Nothing here is importable API.
+`export.trtllm` writes a TensorRT-LLM (PyTorch backend) bundle, `export.quantize` quantizes through
+nvidia-modelopt with the exclusions hybrid models need, `export.bundle` holds the manifest, and
+`export.cli` is `nanokit export` and `nanokit build`.
 """

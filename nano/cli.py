@@ -179,7 +179,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_plan(sub) -> None:
-    from .memory import DTYPE_BYTES, QUANT_FORMATS, RECIPES, TARGETS
+    from .memory import DEFAULT_RECIPE, DTYPE_BYTES, QUANT_FORMATS, RECIPES, TARGETS
 
     p = sub.add_parser("plan", help="the memory a model needs on a GPU, before anything starts",
                        description="Weights, KV cache (attention layers only), Mamba state, prefill workspace and "
@@ -192,8 +192,8 @@ def add_plan(sub) -> None:
     p.add_argument("--batch", type=whole_number(1), default=1)
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="weights (the unquantized ones, with --quant)")
     p.add_argument("--quant", choices=list(QUANT_FORMATS), help="quantize the weights --recipe names, as nanokit export does")
-    p.add_argument("--recipe", choices=list(RECIPES), default="conservative",
-                   help="conservative: MLP weights only; aggressive: the Mamba projections too")
+    p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                   help="mamba-mlp: the Mamba projections and MLPs (NVIDIA's published Nano 2 recipe); mlp: MLPs only")
     p.add_argument("--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     p.add_argument("--ssm-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")

@@ -67,13 +67,24 @@ QUANT_FORMATS = {
     "nvfp4": ("nvfp4", ("blackwell",)),
 }
 
-# The parameter groups each recipe quantizes. NVIDIA's conservative recipe for Mamba hybrids keeps
-# attention, the conv, the Mamba projections, embeddings and the head in 16 bits; the aggressive one
-# quantizes the Mamba projections too.
+# The parameter groups each recipe quantizes. "mamba-mlp" is the recipe of NVIDIA's published Nano 2
+# FP8 and NVFP4 checkpoints: the Mamba projections and the MLPs quantized, attention, the conv,
+# embeddings and the head kept in 16 bits. "mlp" quantizes the MLPs alone (modelopt's conservative
+# Mamba preset).
 RECIPES = {
-    "conservative": ("mlp",),
-    "aggressive": ("mlp", "mamba_in_proj", "mamba_out_proj"),
+    "mamba-mlp": ("mlp", "mamba_in_proj", "mamba_out_proj"),
+    "mlp": ("mlp",),
 }
+DEFAULT_RECIPE = "mamba-mlp"
+
+
+def quantized_groups(quant: str, recipe: str = DEFAULT_RECIPE) -> tuple[str, ...]:
+    """The parameter groups `recipe` quantizes in the `quant` format. INT4 AWQ leaves the Mamba in_proj
+    alone: its packing halves the output rows, which TensorRT-LLM's NemotronH loader splits by name."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    quant_bytes(quant)
+    return tuple(g for g in RECIPES[recipe] if not (quant == "int4_awq" and g == "mamba_in_proj"))
 
 PREFILL_CHUNK = 4096
 OVERHEAD_BYTES = GIB // 4
@@ -176,15 +187,13 @@ class Shape:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return embeddings + self.hidden + sum(self.layer_parameters(kind) for kind in self.pattern)
 
-    def weight_bytes(self, dtype: str = "bf16", quant: str | None = None, recipe: str = "conservative") -> int:
+    def weight_bytes(self, dtype: str = "bf16", quant: str | None = None, recipe: str = DEFAULT_RECIPE) -> int:
         """Bytes of the weights: all at `dtype`, or the groups `recipe` quantizes in the `quant` format."""
         groups = self.parameter_groups()
         if quant is None:
             return int(sum(groups.values()) * _bytes_of(dtype))
-        quantized = quant_bytes(quant)
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
-        return int(sum(n * (quantized if name in RECIPES[recipe] else _bytes_of(dtype)) for name, n in groups.items()))
+        chosen = quantized_groups(quant, recipe)
+        return int(sum(n * (quant_bytes(quant) if name in chosen else _bytes_of(dtype)) for name, n in groups.items()))
 
 
 def format_count(n: float) -> str:
@@ -266,7 +275,7 @@ def plan(
     ssm_dtype: str = "fp32",
     activation_dtype: str = "bf16",
     quant: str | None = None,
-    recipe: str = "conservative",
+    recipe: str = DEFAULT_RECIPE,
 ) -> MemoryPlan:
     """The memory `config` needs for `batch` sequences of `context` tokens on `target`; with `quant`,
     the weights `recipe` quantizes are in that format (see RECIPES) and the rest at `weight_dtype`."""

@@ -4,5 +4,5 @@ the pruned model by distillation on the teacher's logits.
 `prune.pipeline.prune` runs the pruning; `prune.importance` scores, `prune.slicing` cuts,
 `prune.targets` names the target, `prune.search` searches a budget; `prune.train` is the
 distillation trainer, with `prune.fast_training` for its fused training forward;
-`prune.data` reads text into token samples; `prune.cli` is `nanokit prune` and `nanokit distill`.
+`prune.cli` is `nanokit prune` and `nanokit distill`.
 """

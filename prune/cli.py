@@ -141,7 +141,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import nano
     from nano.cli import quiet_transformers
 
-    from .data import token_samples
+    from nano.data import token_samples
     from .pipeline import prune, write
 
     import torch
@@ -250,7 +250,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from nano.checkpoint import resolve
     from nano.cli import quiet_transformers
 
-    from .data import token_samples
+    from nano.data import token_samples
     from .train import DistillConfig, distill, full_state_dict
 
     out = Path(args.out)

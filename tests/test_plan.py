@@ -59,7 +59,7 @@ def test_plan_prints_a_table_and_names_bad_input(configs, capsys):
 
 
 def test_parameter_groups_sum_to_the_count_and_recipes_quantize_theirs():
-    from nano.memory import RECIPES, Shape
+    from nano.memory import RECIPES, Shape, quantized_groups
 
     shape = Shape.of(shape_config("nano-12b-v2-base"))
     groups = shape.parameter_groups()
@@ -68,16 +68,17 @@ def test_parameter_groups_sum_to_the_count_and_recipes_quantize_theirs():
     for recipe, quantized in RECIPES.items():
         share = sum(groups[g] for g in quantized)
         assert shape.weight_bytes("bf16", "fp8", recipe) == int(bf16 - share)  # 2 bytes -> 1 byte each
-    assert shape.weight_bytes("bf16", "int4_awq", "aggressive") < shape.weight_bytes("bf16", "int4_awq", "conservative")
+    assert shape.weight_bytes("bf16", "int4_awq", "mamba-mlp") < shape.weight_bytes("bf16", "int4_awq", "mlp")
+    assert quantized_groups("int4_awq", "mamba-mlp") == ("mlp", "mamba_out_proj")  # AWQ packing: not the in_proj
 
 
 def test_a_12b_that_does_not_fit_says_by_how_much_and_what_would(configs, capsys):
     args = ["--model", str(configs["nano-12b-v2-base"]), "--gpu", "a10g"]
     assert main(["plan", *args]) == 0
     out = capsys.readouterr().out
-    assert "short by 5.02 GiB: it would fit with --quant int4_awq --recipe conservative" in out
+    assert "short by 5.02 GiB: it would fit with --quant int4_awq --recipe mamba-mlp" in out
     result = plan_json(capsys, *args)
-    assert ["int4_awq", "conservative"] in result["quantizations_that_fit"]
+    assert ["int4_awq", "mamba-mlp"] in result["quantizations_that_fit"]
     assert all(q != "fp8" for q, _ in result["quantizations_that_fit"])  # no FP8 kernels on an A10G (Ampere)
     quantized = plan_json(capsys, *args, "--quant", "int4_awq")
     assert quantized["fits"] and quantized["max_context"] == 131072

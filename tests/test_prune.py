@@ -13,7 +13,7 @@ from nano.cli import main
 from nano.memory import GIB, parameter_count, plan
 from nano.shapes import SHAPES, shape_config
 from nano.tiny import build_tiny_checkpoint
-from prune.data import token_samples
+from nano.data import token_samples
 from prune.importance import (
     Importance,
     rank_layers,

@@ -1,0 +1,113 @@
+"""`nanokit export ...` and `nanokit build`: deployment bundles, and running what they need."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from nano.cli import whole_number
+from nano.memory import DEFAULT_RECIPE, QUANT_FORMATS, RECIPES, TARGETS
+
+ENGINE_MISSING = 3  # exit status when the bundle's engine is not installed here (its commands are printed)
+
+
+def cmd_export_trtllm(args: argparse.Namespace) -> int:
+    from nano.cli import quiet_transformers
+    from nano.memory import GIB
+
+    from .trtllm import export_trtllm, read_config, size
+
+    quiet_transformers()
+    config = read_config(args.model)
+    size(config, args.gpu, args.context, args.batch, args.quant, args.recipe)  # refuse before reading any text
+    calibration = None
+    if args.quant:
+        if not args.calib:
+            raise ValueError(f"--quant {args.quant} needs calibration text: --calib PATH (text, jsonl, parquet or token ids)")
+        from transformers import AutoTokenizer
+
+        from nano.data import token_samples
+
+        calibration = token_samples(args.calib, AutoTokenizer.from_pretrained(args.model), args.calib_samples,
+                                    args.calib_len)
+    manifest = export_trtllm(args.model, args.out, args.gpu, args.context, args.batch, args.quant, args.recipe,
+                             calibration, device=args.device, force=args.force, progress=sys.stderr.isatty())
+    target = manifest["target"]
+    plan = __import__("json").loads((Path(args.out) / "plan.json").read_text())
+    print(f"wrote {args.out}: {manifest['model']['parameters']} parameters, {args.quant or 'bf16'}, "
+          f"{target['context']} tokens x batch {target['batch']} on {args.gpu}: "
+          f"{plan['total'] / GIB:.2f} of {plan['usable'] / GIB:.1f} GiB")
+    print(f"next: nanokit build --bundle {args.out}   (or: sh {Path(args.out) / 'serve.sh'})")
+    return 0
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a deployment bundle (TensorRT-LLM)",
+                       description="Write a deployment bundle sized by the memory planner.")
+    targets = p.add_subparsers(dest="target", required=True, metavar="ENGINE")
+    t = targets.add_parser("trtllm", help="TensorRT-LLM's PyTorch backend (trtllm-serve, LLM)",
+                           description="A Hugging Face checkpoint (bf16 or quantized by nvidia-modelopt), the "
+                           "options YAML sized for the GPU and context, a launch script and a manifest.")
+    t.add_argument("--model", required=True, help="checkpoint folder")
+    t.add_argument("--gpu", required=True, help=f"one of {', '.join(TARGETS)}")
+    t.add_argument("--context", type=whole_number(1), default=131072, help="max_seq_len (default 131072)")
+    t.add_argument("--batch", type=whole_number(1), help="max_batch_size (default: as many full contexts as fit)")
+    t.add_argument("--quant", choices=list(QUANT_FORMATS), help="quantize through nvidia-modelopt")
+    t.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                   help="mamba-mlp: Mamba projections and MLPs (NVIDIA's Nano 2 recipe); mlp: MLPs only")
+    t.add_argument("--calib", help="calibration text for --quant (text, jsonl, parquet, or token ids)")
+    t.add_argument("--calib-samples", type=whole_number(1), default=256)
+    t.add_argument("--calib-len", type=whole_number(8), default=512)
+    t.add_argument("--device", help="where to calibrate (default cpu; cuda is much faster for real models)")
+    t.add_argument("--out", required=True, help="the bundle folder")
+    t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.set_defaults(func=cmd_export_trtllm)
+
+
+def engine_available(kind: str) -> bool:
+    if kind == "tensorrt-llm-pytorch":
+        return importlib.util.find_spec("tensorrt_llm") is not None and shutil.which("trtllm-serve") is not None
+    raise ValueError(f"bundle kind {kind!r} is not one this nanokit builds")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .bundle import read_manifest
+
+    bundle = Path(args.bundle)
+    manifest = read_manifest(bundle)
+    commands = manifest["commands"]
+    steps = [commands["check"]] + ([commands["serve"]] if args.serve else [])
+    shown = "\n".join(f"  cd {shlex.quote(str(bundle))} && {shlex.join(step)}" for step in steps)
+    if args.dry_run:
+        print(shown)
+        return 0
+    if not engine_available(manifest["kind"]):
+        print(f"nanokit build: TensorRT-LLM is not installed here (no tensorrt_llm module or trtllm-serve). "
+              f"Install it:\n  {manifest['install']}\nthen run:\n{shown}\n  cd {shlex.quote(str(bundle))} && "
+              f"{shlex.join(commands['serve'])}   # to serve", file=sys.stderr)
+        return ENGINE_MISSING
+    for step in steps:
+        print(f"+ {shlex.join(step)}", file=sys.stderr)
+        status = subprocess.call(step, cwd=bundle)
+        if status:
+            print(f"nanokit build: {step[0]} exited with status {status}", file=sys.stderr)
+            return status
+    if not args.serve:
+        print(f"the bundle loads and generates; serve it with: sh {bundle / 'serve.sh'}")
+    return 0
+
+
+def add_build(sub) -> None:
+    p = sub.add_parser("build", help="check a bundle and run what its engine needs",
+                       description="Verify a bundle's files against its manifest, then load it in its engine "
+                       "and generate (and serve, with --serve). Where the engine is not installed, print the "
+                       "exact commands and how to install it (exit status 3).")
+    p.add_argument("--bundle", required=True, help="a folder written by nanokit export")
+    p.add_argument("--serve", action="store_true", help="start the server after the check")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.set_defaults(func=cmd_build)

@@ -1,0 +1,207 @@
+"""`nanokit export trtllm`: a deployment bundle for TensorRT-LLM's PyTorch backend, sized before it starts.
+
+TensorRT-LLM runs NemotronH through its PyTorch backend (`trtllm-serve`, `LLM(...)`), which reads a
+Hugging Face checkpoint. What goes wrong on small GPUs is sizing: left at its defaults it reserves
+the Mamba state for `max_batch_size` = 2048 sequences and takes 90% of free memory for the KV cache.
+The bundle fixes every size from the planner (`nano.memory`):
+
+    OUT/checkpoint/       the Hugging Face checkpoint, bf16 or quantized by modelopt (export.quantize)
+    OUT/llm_options.yaml  options for `trtllm-serve --extra_llm_api_options` and `LLM(model, **options)`
+    OUT/serve.sh          the launch command
+    OUT/plan.json         the planner's figures for this target
+    OUT/manifest.json     kind, model, target, commands, and each file's size and sha256
+
+The options use only keys that TensorRT-LLM's `TorchLlmArgs` accepts (it refuses unknown ones):
+max_seq_len, max_batch_size, max_num_tokens, enable_chunked_prefill, cuda_graph_config, and
+kv_cache_config with enable_block_reuse false (no prefix reuse for Mamba layers),
+mamba_ssm_cache_dtype float32 (its "auto" is the model's bf16 in TensorRT-LLM 1.0, which costs
+accuracy), max_tokens (the KV cache the context needs, no more) and free_gpu_memory_fraction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from nano.atomic import atomic_dir
+from nano.config import ConfigError, check_supported, layer_pattern
+from nano.memory import (
+    DEFAULT_RECIPE,
+    GIB,
+    PREFILL_CHUNK,
+    TARGETS,
+    check_quant_runs_on,
+    fit,
+    format_count,
+    parameter_count,
+    usable_bytes,
+)
+
+from .bundle import write_manifest
+
+KIND = "tensorrt-llm-pytorch"
+JETSON = tuple(name for name in TARGETS if name.startswith(("orin", "thor")))
+INSTALL = ("pip install tensorrt_llm --extra-index-url https://pypi.nvidia.com   "
+           "(Linux x86-64 or SBSA with CUDA; see https://nvidia.github.io/TensorRT-LLM/installation/)")
+
+
+def read_config(model: str | Path) -> dict:
+    path = Path(model) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{model}: no config.json; --model is a Hugging Face checkpoint folder")
+    config = json.loads(path.read_text())
+    try:
+        check_supported(config, str(path))
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    return config
+
+
+def size(config: dict, gpu: str, context: int, batch: int | None, quant: str | None, recipe: str):
+    """The planner's fit for this deployment; refuses what cannot run or does not fit, saying why."""
+    usable_bytes(gpu)  # an unknown GPU is named with the known ones
+    if gpu.lower() in JETSON:
+        raise ValueError(f"{gpu} is a Jetson board: TensorRT-LLM's PyTorch backend does not run there; "
+                         f"use `nanokit export onnx` and TensorRT Edge-LLM")
+    if quant:
+        check_quant_runs_on(quant, gpu)
+    limit = config.get("max_position_embeddings")
+    if limit and context > limit:
+        raise ValueError(f"--context {context} is beyond the model's {limit} positions (max_position_embeddings)")
+    options = dict(quant=quant, recipe=recipe)
+    found = fit(config, gpu, context, batch or 1, limit, **options)
+    if not found.plan.fits:
+        p = found.plan
+        raise ValueError(f"the model needs {p.total / GIB:.2f} GiB for {p.batch} x {context} tokens on {gpu}, which has "
+                         f"{p.usable / GIB:.1f} GiB usable: {found.shortfall / GIB:.2f} GiB short; {found.advice()}")
+    if batch is None:  # as many whole-context sequences as fit
+        found = fit(config, gpu, context, max(1, found.max_batch), limit, **options)
+    return found
+
+
+def llm_options(plan) -> dict:
+    """TensorRT-LLM's options for a plan: sizes for exactly what the planner allowed."""
+    kv_free = plan.usable - (plan.total - plan.kv_cache)  # memory left for the KV cache after the rest is loaded
+    fraction = min(0.9, math.ceil(100 * 1.05 * plan.kv_cache / max(kv_free, 1)) / 100)
+    return {
+        "max_seq_len": plan.context,
+        "max_batch_size": plan.batch,
+        "max_num_tokens": min(PREFILL_CHUNK, plan.context * plan.batch),
+        "enable_chunked_prefill": True,
+        "cuda_graph_config": {"max_batch_size": plan.batch, "enable_padding": True},
+        "kv_cache_config": {
+            "enable_block_reuse": False,
+            "mamba_ssm_cache_dtype": "float32",
+            "max_tokens": plan.context * plan.batch,
+            "free_gpu_memory_fraction": fraction,
+        },
+    }
+
+
+def options_yaml(options: dict, header: str) -> str:
+    import yaml
+
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(options, sort_keys=False)
+
+
+CHECK = ("import yaml; from tensorrt_llm import LLM; "
+         "llm = LLM('checkpoint', **yaml.safe_load(open('llm_options.yaml'))); "
+         "print(llm.generate(['The capital of France is'])[0].outputs[0].text)")
+
+
+def serve_command(tp: int = 1) -> list[str]:
+    command = ["trtllm-serve", "checkpoint", "--backend", "pytorch", "--extra_llm_api_options", "llm_options.yaml"]
+    return command + (["--tp_size", str(tp)] if tp > 1 else [])
+
+
+SERVE_SH = """#!/bin/sh
+# {title}
+# An OpenAI-compatible server on HOST:PORT (default 127.0.0.1:8000); more trtllm-serve flags pass through.
+set -eu
+cd "$(dirname "$0")"
+exec {command} --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" "$@"
+"""
+
+
+def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 131072, batch: int | None = None,
+                  quant: str | None = None, recipe: str = DEFAULT_RECIPE, calibration=None, device: str | None = None,
+                  force: bool = False, progress: bool = False) -> dict:
+    """Write the bundle for `model` on `gpu` at `context` tokens into `out` (all at once); its manifest.
+
+    `calibration` (samples, length) token ids are needed with `quant`."""
+    import torch
+
+    import nano
+
+    config = read_config(model)
+    found = size(config, gpu, context, batch, quant, recipe)
+    if quant and calibration is None:
+        raise ValueError(f"--quant {quant} needs calibration text (--calib PATH)")
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    plan = found.plan
+    loaded = nano.load(model, device=device or "cpu", dtype=torch.bfloat16)
+    with atomic_dir(out, overwrite=force) as tmp:
+        checkpoint = tmp / "checkpoint"
+        checkpoint.mkdir()
+        quantized = None
+        if quant:
+            from .quantize import quantize_and_export
+
+            quantized = quantize_and_export(loaded.model, loaded.tokenizer, quant, recipe, calibration, checkpoint,
+                                            progress=progress)
+        else:
+            loaded.model.save_pretrained(checkpoint)
+            loaded.tokenizer.save_pretrained(checkpoint)
+        _complete_config_for_trtllm(checkpoint / "config.json")
+        on_disk = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+        title = (f"{Path(model).name} on {gpu} ({plan.usable / GIB:.1f} GiB usable): {context} tokens x batch "
+                 f"{plan.batch}, {quant or 'bf16'}; written by nanokit export trtllm")
+        options = llm_options(plan)
+        header = (f"{title}\nFor trtllm-serve --extra_llm_api_options, or tensorrt_llm.LLM(model, **options).\n"
+                  f"Planner: {plan.total / GIB:.2f} GiB of {plan.usable / GIB:.1f} (weights {plan.weights / GIB:.2f}, "
+                  f"KV {plan.kv_cache / GIB:.2f}, Mamba state {(plan.ssm_state + plan.conv_state) / GIB:.2f}, "
+                  f"workspace {plan.workspace / GIB:.2f}).\nmax_tokens caps the KV cache at what max_seq_len x "
+                  f"max_batch_size needs; free_gpu_memory_fraction covers it with 5% to spare.")
+        (tmp / "llm_options.yaml").write_text(options_yaml(options, header))
+        serve = tmp / "serve.sh"
+        serve.write_text(SERVE_SH.format(title=title, command=" ".join(serve_command())))
+        serve.chmod(0o755)
+        plan_record = dict(plan.as_dict(), gpu=gpu, weights_on_disk=on_disk, max_context=found.max_context,
+                           max_batch=found.max_batch)
+        (tmp / "plan.json").write_text(json.dumps(plan_record, indent=2) + "\n")
+        manifest = write_manifest(
+            tmp, KIND,
+            model={"source": str(Path(model).resolve()), "architecture": config.get("architectures", ["?"])[0],
+                   "parameters": format_count(parameter_count(config))},
+            target={"gpu": gpu, "usable_bytes": plan.usable, "context": context, "batch": plan.batch, "tp": 1},
+            quantization=None if quantized is None else {
+                "format": quant, "recipe": recipe, "quant_algo": quantized.quant_algo, "group_size": quantized.group_size,
+                "layers": len(quantized.layers), "excluded": quantized.excluded},
+            commands={"check": ["python3", "-c", CHECK], "serve": ["sh", "serve.sh"]},
+            install=INSTALL,
+        )
+    return manifest
+
+
+def _complete_config_for_trtllm(path: Path) -> None:
+    """Write the fields TensorRT-LLM's NemotronH reads into config.json. transformers 5 saves the layer
+    kinds as `layers_block_type` alone; TensorRT-LLM (and transformers 4, which it pins) read
+    `hybrid_override_pattern` and `num_hidden_layers`, and without them would build the default
+    pattern, not this model's. `head_dim` must be explicit too: hidden / heads is wrong for the 9B."""
+    config = json.loads(path.read_text())
+    pattern = layer_pattern(config, str(path))
+    if config.get("hybrid_override_pattern") not in (None, pattern):
+        raise ValueError(f"{path}: hybrid_override_pattern {config['hybrid_override_pattern']!r} disagrees with "
+                         f"layers_block_type ({pattern!r})")
+    config.update(hybrid_override_pattern=pattern, num_hidden_layers=len(pattern))
+    missing = [k for k in ("head_dim", "mamba_head_dim", "mamba_num_heads", "n_groups", "ssm_state_size", "conv_kernel",
+                           "chunk_size") if config.get(k) is None]
+    if missing:
+        raise ValueError(f"{path}: TensorRT-LLM needs {', '.join(missing)} in config.json")
+    if config.get("architectures") != ["NemotronHForCausalLM"]:
+        raise ValueError(f"{path}: architectures {config.get('architectures')}; TensorRT-LLM loads NemotronHForCausalLM")
+    path.write_text(json.dumps(config, indent=2) + "\n")
