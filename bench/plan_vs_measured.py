@@ -44,7 +44,6 @@ def measure(model, context: int, batch: int, decode: int) -> tuple[float, float]
         token = step(token)
     torch.cuda.synchronize()
     peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    del runtime, step, ids, token
     return peak, reserved
 
 
