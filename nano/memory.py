@@ -10,7 +10,8 @@ Memory on one GPU, for `batch` sequences of `context` tokens:
 - kv_cache: K and V of the attention layers only (`2 * kv_heads * head_dim` values per token each);
 - ssm_state: the Mamba state, `heads * head_dim * state` per layer and sequence (fp32 by default,
   as NVIDIA requires for accuracy), and conv_state: the last `conv_kernel - 1` inputs of the conv;
-- workspace: activations of one prefill chunk (the runtime prefills in chunks of 4096 tokens);
+- workspace: activations of one prefill call (the runtime prefills in chunks of 4096 tokens per row,
+  fewer per row for large batches; see `prefill_chunk`);
 - overhead: the allocator's slack, a fixed allowance.
 """
 
@@ -87,7 +88,16 @@ def quantized_groups(quant: str, recipe: str = DEFAULT_RECIPE) -> tuple[str, ...
     return tuple(g for g in RECIPES[recipe] if not (quant == "int4_awq" and g == "mamba_in_proj"))
 
 PREFILL_CHUNK = 4096
+# Tokens of one prefill call over all rows: mamba-ssm's Triton chunk scan indexes its inputs with 32-bit
+# offsets, and the Mamba in_proj output (22656 wide at the Nano shapes) passes 2**31 past 94k tokens.
+PREFILL_TOKENS = 65536
 OVERHEAD_BYTES = GIB // 4
+
+
+def prefill_chunk(rows: int, chunk: int = PREFILL_CHUNK) -> int:
+    """Tokens per row in one prefill call: `chunk`, fewer when `rows` of it would pass PREFILL_TOKENS
+    (a multiple of the scan's 128-token chunks, at least one)."""
+    return max(128, min(chunk, PREFILL_TOKENS // rows // 128 * 128))
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -287,12 +297,12 @@ def plan(
     kv = attention_layers * 2 * s.kv_heads * s.head_dim * context * batch * _bytes_of(kv_dtype)
     ssm = mamba_layers * s.mamba_heads * s.mamba_head_dim * s.state * batch * _bytes_of(ssm_dtype)
     conv = mamba_layers * s.conv_dim * (s.conv_kernel - 1) * batch * act
-    # One prefill chunk through the widest layer: its input, norm and residual, the projections, and
-    # the chunk scan's per-chunk states (fp32).
-    tokens = min(context, PREFILL_CHUNK) * batch
+    # One prefill call through the widest layer: its input, norm and residual, the projections, and
+    # the chunk scan's per-chunk states (fp32, twice: the chunk states and the passed-on states).
+    tokens = min(context, prefill_chunk(batch)) * batch
     mamba_width = (s.mamba_inner + s.conv_dim + s.mamba_heads) + s.conv_dim + 2 * s.mamba_inner if mamba_layers else 0
     widest = max(mamba_width, 2 * s.ffn if MLP in s.pattern else 0, (s.attention_heads + 2 * s.kv_heads) * s.head_dim)
-    chunk_states = (tokens // 128 + 1) * s.mamba_heads * s.mamba_head_dim * s.state * 4 if mamba_layers else 0
+    chunk_states = 2 * (tokens // 128 + 1) * s.mamba_heads * s.mamba_head_dim * s.state * 4 if mamba_layers else 0
     workspace = tokens * (widest + 3 * s.hidden) * act + chunk_states
     return MemoryPlan(
         weights=s.weight_bytes(weight_dtype, quant, recipe),

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .compiled import compiled
 from .kernels import Kernels, select_kernels
+from .memory import prefill_chunk
 
 try:
     from torch.nn.attention.bias import causal_lower_right
@@ -212,8 +213,9 @@ class HybridRuntime:
         self.start.copy_(width - attention_mask.sum(dim=1))
         self.padded = bool((self.start > 0).any())
         embeddings = self.model.model.embeddings
-        for begin in range(0, width, self.prefill_chunk):
-            end = min(begin + self.prefill_chunk, width)
+        chunk = prefill_chunk(rows, self.prefill_chunk)
+        for begin in range(0, width, chunk):
+            end = min(begin + chunk, width)
             keep = attention_mask[:, begin:end] if self.padded else None
             normed = self._forward(embeddings(input_ids[:, begin:end]), begin, keep)
         self.position.fill_(width)

@@ -85,3 +85,12 @@ def test_a_12b_that_does_not_fit_says_by_how_much_and_what_would(configs, capsys
     assert main(["plan", *args, "--quant", "fp8"]) == 2
     assert "fp8 does not run on a10g (Ampere: no kernels for it); quantizations that do: int4_awq" in capsys.readouterr().err
     assert plan_json(capsys, "--model", str(configs["nano-12b-v2-base"]), "--gpu", "l40s", "--quant", "fp8")["fits"]
+
+
+def test_prefill_calls_stay_under_the_scan_kernels_32_bit_offsets():
+    from nano.memory import PREFILL_TOKENS, prefill_chunk
+
+    assert prefill_chunk(1) == 4096 and prefill_chunk(16) == 4096
+    assert prefill_chunk(32) == 2048 and prefill_chunk(1000) == 128  # at least one scan chunk per row
+    assert all(prefill_chunk(rows) * rows <= PREFILL_TOKENS for rows in range(1, 513))
+    assert 22656 * PREFILL_TOKENS < 2**31  # the Nano 9B's Mamba in_proj width
