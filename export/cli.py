@@ -20,10 +20,13 @@ def cmd_export_trtllm(args: argparse.Namespace) -> int:
     from nano.cli import quiet_transformers
     from nano.memory import GIB
 
+    from nano.config import context_length
+
     from .trtllm import export_trtllm, read_config, size
 
     quiet_transformers()
     config = read_config(args.model)
+    args.context = args.context or context_length(config)
     size(config, args.gpu, args.context, args.batch, args.quant, args.recipe)  # refuse before reading any text
     calibration = None
     if args.quant:
@@ -55,7 +58,8 @@ def add_export(sub) -> None:
                            "options YAML sized for the GPU and context, a launch script and a manifest.")
     t.add_argument("--model", required=True, help="checkpoint folder")
     t.add_argument("--gpu", required=True, help=f"one of {', '.join(TARGETS)}")
-    t.add_argument("--context", type=whole_number(1), default=131072, help="max_seq_len (default 131072)")
+    t.add_argument("--context", type=whole_number(1),
+                   help="max_seq_len (default: the model's own, max_position_embeddings: 131072 for Nano 2)")
     t.add_argument("--batch", type=whole_number(1), help="max_batch_size (default: as many full contexts as fit)")
     t.add_argument("--quant", choices=list(QUANT_FORMATS), help="quantize through nvidia-modelopt")
     t.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,

@@ -91,39 +91,51 @@ class Quantized:
     group_size: int | None
 
 
-def quantize_and_export(model, tokenizer, quant: str, recipe: str, calibration: torch.Tensor, out: Path,
-                        progress: bool = False) -> Quantized:
-    """Calibrate `model` (in place) on `calibration` (samples, length) token ids and write the quantized
-    Hugging Face checkpoint into the folder `out` (which the caller makes atomic)."""
+def calibrate(model, quant: str, recipe: str, calibration: torch.Tensor, progress: bool = False) -> int | None:
+    """Insert modelopt's quantizers on the recipe's layers and calibrate them on `calibration`
+    (samples, length) token ids; `model` is then the fake-quantized model. Returns the group size."""
     from tqdm.auto import tqdm
 
-    mtq, export_hf_checkpoint = _modelopt()
+    mtq, _ = _modelopt()
     names = layers_to_quantize(model, quant, recipe)
     if not names:
         raise ValueError(f"recipe {recipe!r} finds no layers to quantize in this model")
     config = quant_config(mtq, model, quant, names)
     device = next(model.parameters()).device
 
-    def calibrate(m):
+    def forward_loop(m):
         with torch.no_grad():
             for sample in tqdm(calibration, desc=f"calibrate {quant}", unit="sample", disable=not progress):
                 m(input_ids=sample[None].to(device), use_cache=False)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mtq.quantize(model, config, calibrate)
+        mtq.quantize(model, config, forward_loop)
     modules = dict(model.named_modules())
     enabled = sorted(n.removesuffix(".weight_quantizer") for n, m in modules.items()
                      if n.endswith(".weight_quantizer") and getattr(m, "is_enabled", False))
     if enabled != sorted(names):  # modelopt's matching rules are its own: check they did what was asked
         raise RuntimeError(f"modelopt quantized {len(enabled)} layers where {len(names)} were asked: "
                            f"{sorted(set(enabled) ^ set(names))[:6]}")
-    group_size = config["quant_cfg"][1]["cfg"].get("block_sizes", {}).get(-1) if quant != "fp8" else None
+    return config["quant_cfg"][1]["cfg"].get("block_sizes", {}).get(-1) if quant != "fp8" else None
+
+
+def export_quantized(model, tokenizer, quant: str, recipe: str, group_size: int | None, out: Path) -> Quantized:
+    """Write a calibrated model as a quantized Hugging Face checkpoint into the folder `out` (which the
+    caller makes atomic), with the metadata TensorRT-LLM reads."""
+    _, export_hf_checkpoint = _modelopt()
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
         export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out)
     tokenizer.save_pretrained(out)
     return _fix_checkpoint(out, quant, recipe, group_size)
+
+
+def quantize_and_export(model, tokenizer, quant: str, recipe: str, calibration: torch.Tensor, out: Path,
+                        progress: bool = False) -> Quantized:
+    """`calibrate`, then `export_quantized`."""
+    group_size = calibrate(model, quant, recipe, calibration, progress)
+    return export_quantized(model, tokenizer, quant, recipe, group_size, out)
 
 
 def _fix_checkpoint(folder: Path, quant: str, recipe: str, group_size: int | None) -> Quantized:

@@ -78,4 +78,5 @@ def check_supported(config: dict[str, Any], source: str = "config.json") -> None
 
 def context_length(config: Any) -> int:
     """The longest sequence (prompt and generated tokens together) the model was built for."""
-    return int(getattr(config, "max_position_embeddings"))
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else config.max_position_embeddings
+    return int(value)
