@@ -27,7 +27,18 @@ def cmd_export_trtllm(args: argparse.Namespace) -> int:
     quiet_transformers()
     config = read_config(args.model)
     args.context = args.context or context_length(config)
-    size(config, args.gpu, args.context, args.batch, args.quant, args.recipe)  # refuse before reading any text
+    found = size(config, args.gpu, args.context, args.batch, args.quant, args.recipe)  # refuse before reading any text
+    if args.dry_run:
+        from .trtllm import llm_options, options_yaml
+
+        p = found.plan
+        print(f"{args.model}: {args.quant or 'bf16'}, {p.batch} x {p.context} tokens on {args.gpu}: {p.total / GIB:.2f} of "
+              f"{p.usable / GIB:.1f} GiB (weights {p.weights / GIB:.2f}, KV {p.kv_cache / GIB:.2f}, Mamba state "
+              f"{(p.ssm_state + p.conv_state) / GIB:.2f}, workspace {p.workspace / GIB:.2f}); llm_options.yaml would be:")
+        print(options_yaml(llm_options(p), ""), end="")
+        return 0
+    if not args.out:
+        raise ValueError("--out is required (the bundle folder)")
     calibration = None
     if args.quant:
         if not args.calib:
@@ -60,7 +71,7 @@ def add_export(sub) -> None:
     t.add_argument("--gpu", required=True, help=f"one of {', '.join(TARGETS)}")
     t.add_argument("--context", type=whole_number(1),
                    help="max_seq_len (default: the model's own, max_position_embeddings: 131072 for Nano 2)")
-    t.add_argument("--batch", type=whole_number(1), help="max_batch_size (default: as many full contexts as fit)")
+    t.add_argument("--batch", type=whole_number(1), help="max_batch_size (default: as many full contexts as fit, at most 64)")
     t.add_argument("--quant", choices=list(QUANT_FORMATS), help="quantize through nvidia-modelopt")
     t.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
                    help="mamba-mlp: Mamba projections and MLPs (NVIDIA's Nano 2 recipe); mlp: MLPs only")
@@ -68,8 +79,9 @@ def add_export(sub) -> None:
     t.add_argument("--calib-samples", type=whole_number(1), default=256)
     t.add_argument("--calib-len", type=whole_number(8), default=512)
     t.add_argument("--device", help="where to calibrate (default cpu; cuda is much faster for real models)")
-    t.add_argument("--out", required=True, help="the bundle folder")
+    t.add_argument("--out", help="the bundle folder (required unless --dry-run)")
     t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.add_argument("--dry-run", action="store_true", help="size it and print the options; read config.json only")
     t.set_defaults(func=cmd_export_trtllm)
 
 

@@ -41,6 +41,7 @@ from nano.memory import (
 from .bundle import write_manifest
 
 KIND = "tensorrt-llm-pytorch"
+DEFAULT_MAX_BATCH = 64
 JETSON = tuple(name for name in TARGETS if name.startswith(("orin", "thor")))
 INSTALL = ("pip install tensorrt_llm --extra-index-url https://pypi.nvidia.com   "
            "(Linux x86-64 or SBSA with CUDA; see https://nvidia.github.io/TensorRT-LLM/installation/)")
@@ -75,8 +76,8 @@ def size(config: dict, gpu: str, context: int, batch: int | None, quant: str | N
         p = found.plan
         raise ValueError(f"the model needs {p.total / GIB:.2f} GiB for {p.batch} x {context} tokens on {gpu}, which has "
                          f"{p.usable / GIB:.1f} GiB usable: {found.shortfall / GIB:.2f} GiB short; {found.advice()}")
-    if batch is None:  # as many whole-context sequences as fit
-        found = fit(config, gpu, context, max(1, found.max_batch), limit, **options)
+    if batch is None:  # as many whole-context sequences as fit, up to a serving default
+        found = fit(config, gpu, context, max(1, min(found.max_batch, DEFAULT_MAX_BATCH)), limit, **options)
     return found
 
 

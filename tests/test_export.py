@@ -168,6 +168,20 @@ def test_export_refuses_bad_input_saying_what_would_work(tiny, twelve, bundle, t
     assert not (tmp_path / "x").exists()
 
 
+def test_the_9b_and_12b_sized_for_an_a10g_from_their_configs(twelve, tmp_path, capsys):
+    nine = tmp_path / "nano-9b"
+    shape_config("nano-9b-v2").save_pretrained(nine)
+    assert main(["export", "trtllm", "--model", str(nine), "--gpu", "a10g", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16, 1 x 131072 tokens on a10g: 19.79 of 22.0 GiB (weights 16.56, KV 2.00, Mamba state 0.13" in out
+    options = yaml.safe_load(out.split("would be:\n", 1)[1])
+    assert validate(options) == []
+    assert options["max_seq_len"] == 131072 and options["max_batch_size"] == 1  # not 2048 Mamba states
+    assert options["kv_cache_config"]["max_tokens"] == 131072
+    assert main(["export", "trtllm", "--model", str(twelve), "--gpu", "a10g", "--quant", "int4_awq", "--dry-run"]) == 0
+    assert "int4_awq, 1 x 131072 tokens on a10g" in capsys.readouterr().out
+
+
 def test_force_replaces_and_a_failed_export_leaves_nothing(tiny, tmp_path, monkeypatch):
     import export.trtllm
 
