@@ -179,7 +179,7 @@ def test_the_9b_and_12b_sized_for_an_a10g_from_their_configs(twelve, tmp_path, c
     assert options["max_seq_len"] == 131072 and options["max_batch_size"] == 1  # not 2048 Mamba states
     assert options["kv_cache_config"]["max_tokens"] == 131072
     assert main(["export", "trtllm", "--model", str(twelve), "--gpu", "a10g", "--quant", "int4_awq", "--dry-run"]) == 0
-    assert "int4_awq, 1 x 131072 tokens on a10g" in capsys.readouterr().out
+    assert "int4_awq, 2 x 131072 tokens on a10g: 21.02 of 22.0 GiB" in capsys.readouterr().out  # two full contexts
 
 
 def test_force_replaces_and_a_failed_export_leaves_nothing(tiny, tmp_path, monkeypatch):
