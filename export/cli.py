@@ -27,7 +27,7 @@ def cmd_export_trtllm(args: argparse.Namespace) -> int:
     quiet_transformers()
     config = read_config(args.model)
     args.context = args.context or context_length(config)
-    found = size(config, args.gpu, args.context, args.batch, args.quant, args.recipe)  # refuse before reading any text
+    found = size(config, args.gpu, args.context, args.batch, args.quant, args.recipe, args.tp)  # before reading any text
     if args.dry_run:
         from .trtllm import llm_options, options_yaml
 
@@ -35,7 +35,7 @@ def cmd_export_trtllm(args: argparse.Namespace) -> int:
         print(f"{args.model}: {args.quant or 'bf16'}, {p.batch} x {p.context} tokens on {args.gpu}: {p.total / GIB:.2f} of "
               f"{p.usable / GIB:.1f} GiB (weights {p.weights / GIB:.2f}, KV {p.kv_cache / GIB:.2f}, Mamba state "
               f"{(p.ssm_state + p.conv_state) / GIB:.2f}, workspace {p.workspace / GIB:.2f}); llm_options.yaml would be:")
-        print(options_yaml(llm_options(p), ""), end="")
+        print(options_yaml(llm_options(p, args.tp), ""), end="")
         return 0
     if not args.out:
         raise ValueError("--out is required (the bundle folder)")
@@ -50,7 +50,7 @@ def cmd_export_trtllm(args: argparse.Namespace) -> int:
         calibration = token_samples(args.calib, AutoTokenizer.from_pretrained(args.model), args.calib_samples,
                                     args.calib_len)
     manifest = export_trtllm(args.model, args.out, args.gpu, args.context, args.batch, args.quant, args.recipe,
-                             calibration, device=args.device, force=args.force, progress=sys.stderr.isatty())
+                             calibration, device=args.device, tp=args.tp, force=args.force, progress=sys.stderr.isatty())
     target = manifest["target"]
     plan = __import__("json").loads((Path(args.out) / "plan.json").read_text())
     print(f"wrote {args.out}: {manifest['model']['parameters']} parameters, {args.quant or 'bf16'}, "
@@ -72,6 +72,7 @@ def add_export(sub) -> None:
     t.add_argument("--context", type=whole_number(1),
                    help="max_seq_len (default: the model's own, max_position_embeddings: 131072 for Nano 2)")
     t.add_argument("--batch", type=whole_number(1), help="max_batch_size (default: as many full contexts as fit, at most 64)")
+    t.add_argument("--tp", type=whole_number(1), default=1, help="tensor-parallel size (1, 2, 4 or 8): sized per GPU")
     t.add_argument("--quant", choices=list(QUANT_FORMATS), help="quantize through nvidia-modelopt")
     t.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
                    help="mamba-mlp: Mamba projections and MLPs (NVIDIA's Nano 2 recipe); mlp: MLPs only")

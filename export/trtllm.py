@@ -59,8 +59,9 @@ def read_config(model: str | Path) -> dict:
     return config
 
 
-def size(config: dict, gpu: str, context: int, batch: int | None, quant: str | None, recipe: str):
-    """The planner's fit for this deployment; refuses what cannot run or does not fit, saying why."""
+def size(config: dict, gpu: str, context: int, batch: int | None, quant: str | None, recipe: str, tp: int = 1):
+    """The planner's fit for this deployment (per GPU of `tp`); refuses what cannot run or does not fit,
+    saying why."""
     usable_bytes(gpu)  # an unknown GPU is named with the known ones
     if gpu.lower() in JETSON:
         raise ValueError(f"{gpu} is a Jetson board: TensorRT-LLM's PyTorch backend does not run there; "
@@ -70,22 +71,26 @@ def size(config: dict, gpu: str, context: int, batch: int | None, quant: str | N
     limit = config.get("max_position_embeddings")
     if limit and context > limit:
         raise ValueError(f"--context {context} is beyond the model's {limit} positions (max_position_embeddings)")
-    options = dict(quant=quant, recipe=recipe)
+    if tp not in (1, 2, 4, 8):
+        raise ValueError(f"--tp {tp}: TensorRT-LLM runs NemotronH at tensor-parallel sizes 1, 2, 4 or 8")
+    options = dict(quant=quant, recipe=recipe, tp=tp)
     found = fit(config, gpu, context, batch or 1, limit, **options)
     if not found.plan.fits:
         p = found.plan
-        raise ValueError(f"the model needs {p.total / GIB:.2f} GiB for {p.batch} x {context} tokens on {gpu}, which has "
+        gpus = f"each of {tp} x {gpu}" if tp > 1 else gpu
+        raise ValueError(f"the model needs {p.total / GIB:.2f} GiB for {p.batch} x {context} tokens on {gpus}, which has "
                          f"{p.usable / GIB:.1f} GiB usable: {found.shortfall / GIB:.2f} GiB short; {found.advice()}")
     if batch is None:  # as many whole-context sequences as fit, up to a serving default
         found = fit(config, gpu, context, max(1, min(found.max_batch, DEFAULT_MAX_BATCH)), limit, **options)
     return found
 
 
-def llm_options(plan) -> dict:
+def llm_options(plan, tp: int = 1) -> dict:
     """TensorRT-LLM's options for a plan: sizes for exactly what the planner allowed."""
     kv_free = plan.usable - (plan.total - plan.kv_cache)  # memory left for the KV cache after the rest is loaded
     fraction = min(0.9, math.ceil(100 * 1.05 * plan.kv_cache / max(kv_free, 1)) / 100)
     return {
+        **({"tensor_parallel_size": tp} if tp > 1 else {}),
         "max_seq_len": plan.context,
         "max_batch_size": plan.batch,
         "max_num_tokens": min(PREFILL_CHUNK, plan.context * plan.batch),
@@ -128,7 +133,7 @@ exec {command} --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" "$@"
 
 def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 131072, batch: int | None = None,
                   quant: str | None = None, recipe: str = DEFAULT_RECIPE, calibration=None, device: str | None = None,
-                  force: bool = False, progress: bool = False) -> dict:
+                  tp: int = 1, force: bool = False, progress: bool = False) -> dict:
     """Write the bundle for `model` on `gpu` at `context` tokens into `out` (all at once); its manifest.
 
     `calibration` (samples, length) token ids are needed with `quant`."""
@@ -137,7 +142,7 @@ def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 1
     import nano
 
     config = read_config(model)
-    found = size(config, gpu, context, batch, quant, recipe)
+    found = size(config, gpu, context, batch, quant, recipe, tp)
     if quant and calibration is None:
         raise ValueError(f"--quant {quant} needs calibration text (--calib PATH)")
     out = Path(out)
@@ -159,9 +164,10 @@ def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 1
             loaded.tokenizer.save_pretrained(checkpoint)
         _complete_config_for_trtllm(checkpoint / "config.json")
         on_disk = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
-        title = (f"{Path(model).name} on {gpu} ({plan.usable / GIB:.1f} GiB usable): {context} tokens x batch "
+        gpus = f"{tp} x {gpu}" if tp > 1 else gpu
+        title = (f"{Path(model).name} on {gpus} ({plan.usable / GIB:.1f} GiB usable each): {context} tokens x batch "
                  f"{plan.batch}, {quant or 'bf16'}; written by nanokit export trtllm")
-        options = llm_options(plan)
+        options = llm_options(plan, tp)
         header = (f"{title}\nFor trtllm-serve --extra_llm_api_options, or tensorrt_llm.LLM(model, **options).\n"
                   f"Planner: {plan.total / GIB:.2f} GiB of {plan.usable / GIB:.1f} (weights {plan.weights / GIB:.2f}, "
                   f"KV {plan.kv_cache / GIB:.2f}, Mamba state {(plan.ssm_state + plan.conv_state) / GIB:.2f}, "
@@ -169,16 +175,16 @@ def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 1
                   f"max_batch_size needs; free_gpu_memory_fraction covers it with 5% to spare.")
         (tmp / "llm_options.yaml").write_text(options_yaml(options, header))
         serve = tmp / "serve.sh"
-        serve.write_text(SERVE_SH.format(title=title, command=" ".join(serve_command())))
+        serve.write_text(SERVE_SH.format(title=title, command=" ".join(serve_command(tp))))
         serve.chmod(0o755)
-        plan_record = dict(plan.as_dict(), gpu=gpu, weights_on_disk=on_disk, max_context=found.max_context,
+        plan_record = dict(plan.as_dict(), gpu=gpu, tp=tp, weights_on_disk=on_disk, max_context=found.max_context,
                            max_batch=found.max_batch)
         (tmp / "plan.json").write_text(json.dumps(plan_record, indent=2) + "\n")
         manifest = write_manifest(
             tmp, KIND,
             model={"source": str(Path(model).resolve()), "architecture": config.get("architectures", ["?"])[0],
                    "parameters": format_count(parameter_count(config))},
-            target={"gpu": gpu, "usable_bytes": plan.usable, "context": context, "batch": plan.batch, "tp": 1},
+            target={"gpu": gpu, "usable_bytes": plan.usable, "context": context, "batch": plan.batch, "tp": tp},
             quantization=None if quantized is None else {
                 "format": quant, "recipe": recipe, "quant_algo": quantized.quant_algo, "group_size": quantized.group_size,
                 "layers": len(quantized.layers), "excluded": quantized.excluded},

@@ -155,7 +155,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise ValueError(str(e)) from None
     options = dict(weight_dtype=args.dtype, kv_dtype=args.kv_dtype, ssm_dtype=args.ssm_dtype, quant=args.quant,
-                   recipe=args.recipe)
+                   recipe=args.recipe, tp=args.tp)
     if args.quant:
         check_quant_runs_on(args.quant, args.gpu)
     found = fit(config, args.gpu, args.context, args.batch, config.get("max_position_embeddings"), **options)
@@ -165,7 +165,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                               max_batch=best_batch, quantizations_that_fit=[list(q) for q in found.quantizations])))
         return 0
     gib = lambda n: f"{n / GIB:8.2f} GiB"  # noqa: E731
-    print(f"{source}: batch {args.batch} x {args.context} tokens on {args.gpu} ({TARGETS.get(args.gpu.lower(), '?')} GiB usable)")
+    gpus = f"{args.tp} x {args.gpu}, per GPU" if args.tp > 1 else args.gpu
+    print(f"{source}: batch {args.batch} x {args.context} tokens on {gpus} ({TARGETS.get(args.gpu.lower(), '?')} GiB usable)")
     for name in ("weights", "kv_cache", "ssm_state", "conv_state", "workspace", "overhead"):
         print(f"  {name:<10} {gib(getattr(result, name))}")
     state = result.weights + result.kv_cache + result.ssm_state + result.conv_state
@@ -196,6 +197,7 @@ def add_plan(sub) -> None:
                    help="mamba-mlp: the Mamba projections and MLPs (NVIDIA's published Nano 2 recipe); mlp: MLPs only")
     p.add_argument("--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     p.add_argument("--ssm-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
+    p.add_argument("--tp", type=whole_number(1), default=1, help="tensor-parallel size: the figures are per GPU")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=cmd_plan)
 

@@ -197,13 +197,29 @@ class Shape:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return embeddings + self.hidden + sum(self.layer_parameters(kind) for kind in self.pattern)
 
-    def weight_bytes(self, dtype: str = "bf16", quant: str | None = None, recipe: str = DEFAULT_RECIPE) -> int:
-        """Bytes of the weights: all at `dtype`, or the groups `recipe` quantizes in the `quant` format."""
-        groups = self.parameter_groups()
-        if quant is None:
-            return int(sum(groups.values()) * _bytes_of(dtype))
-        chosen = quantized_groups(quant, recipe)
-        return int(sum(n * (quant_bytes(quant) if name in chosen else _bytes_of(dtype)) for name, n in groups.items()))
+    def weight_bytes(self, dtype: str = "bf16", quant: str | None = None, recipe: str = DEFAULT_RECIPE,
+                     tp: int = 1) -> int:
+        """Bytes of the weights on one GPU of `tp`: all at `dtype`, or the groups `recipe` quantizes in the
+        `quant` format. Under tensor parallelism every group is split but the embeddings and norms."""
+        chosen = quantized_groups(quant, recipe) if quant is not None else ()
+        total = 0.0
+        for name, n in self.parameter_groups().items():
+            share = n if name in ("embeddings", "norms") else n / tp
+            total += share * (quant_bytes(quant) if name in chosen else _bytes_of(dtype))
+        return int(total)
+
+    def check_tp(self, tp: int) -> None:
+        """Refuse a tensor-parallel size that does not divide every split dimension, with the numbers."""
+        if tp < 1:
+            raise ValueError(f"tensor-parallel size must be at least 1, got {tp}")
+        dims = {"attention heads": self.attention_heads, "KV heads": self.kv_heads, "Mamba heads": self.mamba_heads,
+                "Mamba groups": self.groups, "FFN width": self.ffn, "vocabulary": self.vocab}
+        kinds = set(self.pattern)
+        needed = {k: v for k, v in dims.items() if (k.startswith(("attention", "KV")) and ATTENTION in kinds)
+                  or (k.startswith("Mamba") and MAMBA in kinds) or (k == "FFN width" and MLP in kinds) or k == "vocabulary"}
+        bad = [f"{k} {v}" for k, v in needed.items() if v % tp]
+        if bad:
+            raise ValueError(f"tensor-parallel size {tp} does not divide the {', '.join(bad)}")
 
 
 def format_count(n: float) -> str:
@@ -286,12 +302,15 @@ def plan(
     activation_dtype: str = "bf16",
     quant: str | None = None,
     recipe: str = DEFAULT_RECIPE,
+    tp: int = 1,
 ) -> MemoryPlan:
-    """The memory `config` needs for `batch` sequences of `context` tokens on `target`; with `quant`,
-    the weights `recipe` quantizes are in that format (see RECIPES) and the rest at `weight_dtype`."""
+    """The memory `config` needs on each GPU of `target` for `batch` sequences of `context` tokens,
+    under tensor parallelism `tp` (heads, channels and the head split; embeddings and norms whole);
+    with `quant`, the weights `recipe` quantizes are in that format (see RECIPES), the rest at `weight_dtype`."""
     if context < 1 or batch < 1:
         raise ValueError(f"context and batch must be at least 1, got context={context}, batch={batch}")
     s = Shape.of(config)
+    s.check_tp(tp)
     mamba_layers, attention_layers = s.pattern.count(MAMBA), s.pattern.count(ATTENTION)
     act = _bytes_of(activation_dtype)
     kv = attention_layers * 2 * s.kv_heads * s.head_dim * context * batch * _bytes_of(kv_dtype)
@@ -303,12 +322,12 @@ def plan(
     mamba_width = (s.mamba_inner + s.conv_dim + s.mamba_heads) + s.conv_dim + 2 * s.mamba_inner if mamba_layers else 0
     widest = max(mamba_width, 2 * s.ffn if MLP in s.pattern else 0, (s.attention_heads + 2 * s.kv_heads) * s.head_dim)
     chunk_states = 2 * (tokens // 128 + 1) * s.mamba_heads * s.mamba_head_dim * s.state * 4 if mamba_layers else 0
-    workspace = tokens * (widest + 3 * s.hidden) * act + chunk_states
+    workspace = tokens * (widest / tp + 3 * s.hidden) * act + chunk_states / tp
     return MemoryPlan(
-        weights=s.weight_bytes(weight_dtype, quant, recipe),
-        kv_cache=int(kv),
-        ssm_state=int(ssm),
-        conv_state=int(conv),
+        weights=s.weight_bytes(weight_dtype, quant, recipe, tp),
+        kv_cache=int(kv / tp),
+        ssm_state=int(ssm / tp),
+        conv_state=int(conv / tp),
         workspace=int(workspace),
         overhead=OVERHEAD_BYTES,
         usable=usable_bytes(target),

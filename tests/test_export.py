@@ -182,6 +182,17 @@ def test_the_9b_and_12b_sized_for_an_a10g_from_their_configs(twelve, tmp_path, c
     assert "int4_awq, 2 x 131072 tokens on a10g: 21.02 of 22.0 GiB" in capsys.readouterr().out  # two full contexts
 
 
+def test_a_tensor_parallel_bundle(tiny, tmp_path):
+    out = tmp_path / "tp2"
+    assert main(["export", "trtllm", "--model", str(tiny), "--gpu", "h100", "--context", "2048", "--tp", "2",
+                 "--out", str(out)]) == 0
+    options = yaml.safe_load((out / "llm_options.yaml").read_text())
+    assert validate(options) == [] and options["tensor_parallel_size"] == 2
+    assert "--tp_size 2" in (out / "serve.sh").read_text()
+    assert json.loads((out / "manifest.json").read_text())["target"]["tp"] == 2
+    assert main(["export", "trtllm", "--model", str(tiny), "--gpu", "h100", "--tp", "3", "--out", str(tmp_path / "x")]) == 2
+
+
 def test_force_replaces_and_a_failed_export_leaves_nothing(tiny, tmp_path, monkeypatch):
     import export.trtllm
 

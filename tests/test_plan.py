@@ -94,3 +94,14 @@ def test_prefill_calls_stay_under_the_scan_kernels_32_bit_offsets():
     assert prefill_chunk(32) == 2048 and prefill_chunk(1000) == 128  # at least one scan chunk per row
     assert all(prefill_chunk(rows) * rows <= PREFILL_TOKENS for rows in range(1, 513))
     assert 22656 * PREFILL_TOKENS < 2**31  # the Nano 9B's Mamba in_proj width
+
+
+def test_tensor_parallel_figures_are_per_gpu_and_bad_sizes_name_the_dimensions(configs, capsys):
+    args = ["--model", str(configs["nano-12b-v2-base"]), "--gpu", "a10g"]
+    one, two = plan_json(capsys, *args), plan_json(capsys, *args, "--tp", "2")
+    assert two["kv_cache"] == one["kv_cache"] // 2 and two["ssm_state"] == one["ssm_state"] // 2
+    embeddings = 131072 * 5120 * 2  # bytes of the input embeddings, whole on every GPU
+    assert two["weights"] == pytest.approx((one["weights"] - embeddings) / 2 + embeddings, rel=1e-4)
+    assert two["fits"] and not one["fits"]  # the 12B at 128k fits two A10Gs
+    assert main(["plan", *args, "--tp", "16"]) == 2
+    assert "tensor-parallel size 16 does not divide the attention heads 40, KV heads 8, Mamba groups 8\n" in capsys.readouterr().err
