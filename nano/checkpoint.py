@@ -57,6 +57,11 @@ class Model:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def _decilm(self) -> bool:
+        from .decilm import DeciLMForCausalLM
+
+        return isinstance(self.model, DeciLMForCausalLM)
+
     def _fast(self) -> bool:
         if self.runtime not in ("auto", "fast", "reference"):
             raise ValueError(f"runtime must be 'auto', 'fast' or 'reference', got {self.runtime!r}")
@@ -64,12 +69,20 @@ class Model:
 
     def decoder(self, rows: int = 1, capacity: int | None = None):
         """A fresh decoder for one generation of `rows` sequences of up to `capacity` tokens."""
+        if self._decilm():
+            from .decilm import DeciLMDecoder
+
+            return DeciLMDecoder(self.model, rows, capacity or context_length(self.config))
         if self._fast():
             return HybridRuntime(self.model, rows, capacity or context_length(self.config))
         return ReferenceDecoder(self.model)
 
     def runtime_name(self) -> str:
         """What `decoder` would run, in words, without allocating anything."""
+        if self._decilm():
+            from .decilm import DeciLMDecoder
+
+            return DeciLMDecoder.name
         if self._fast():
             return describe(select_kernels(self.device), graphs=self.device.type == "cuda")
         return ReferenceDecoder.name
@@ -198,9 +211,11 @@ def load(path: str | os.PathLike, device=None, dtype=None) -> Model:
         )
     raw = _read_json(config_path)
     try:
-        check_supported(raw, str(config_path))
+        kind = check_supported(raw, str(config_path), families=("nemotron_h", "decilm"))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    if kind == "decilm":
+        return _load_decilm(folder, raw, device, dtype)
     hf_config = NemotronHConfig.from_pretrained(folder)
     _check_tensors(folder, hf_config)
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
@@ -222,3 +237,46 @@ def _as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _load_decilm(folder: Path, raw: dict, device, dtype) -> Model:
+    """A Llama-Nemotron NAS checkpoint into the toolkit's own definition (nano.decilm), checked tensor
+    by tensor against its config first."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .decilm import DeciConfig, DeciLMForCausalLM, rope_frequencies
+
+    config = DeciConfig.of(raw, str(folder / CONFIG))
+    with torch.device("meta"):
+        model = DeciLMForCausalLM(config)
+    expected = {name: list(p.shape) for name, p in model.state_dict().items()}
+    found = checkpoint_tensors(folder)
+    if config.tied:
+        expected.pop("lm_head.weight")
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} tensors that {CONFIG} calls for are in no weight file, "
+                              f"first {missing[0]!r}; is {CONFIG} from another checkpoint?")
+    for name, shape in expected.items():
+        if found[name][1] != shape:
+            raise CheckpointError(f"{folder / found[name][0]}: tensor {name!r} has shape {found[name][1]}, but "
+                                  f"{CONFIG} implies {shape}")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    device = _default_device(device)
+    stored = raw.get("torch_dtype") or raw.get("dtype")
+    dtype = _default_dtype(dtype, device, type("Stored", (), {"dtype": stored})())
+    state = {}
+    for shard in sorted({file for file, _ in found.values()}):
+        with safe_open(str(folder / shard), framework="pt", device=str(device)) as f:
+            state.update({k: f.get_tensor(k).to(dtype) for k in f.keys() if k in expected})
+    if config.tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.inv_freq = rope_frequencies(config).to(device)
+    model.eval()
+    # AutoTokenizer would read config.json to pick a class and stop at the unknown model_type.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    eos = [*_as_list(raw.get("eos_token_id")), tokenizer.eos_token_id]
+    chat = ChatFormat(tokenizer, eos, style="ultra", source=str(folder))  # "detailed thinking on/off"
+    return Model(model=model, tokenizer=tokenizer, config=config, chat=chat, path=folder)

@@ -62,17 +62,39 @@ def layer_pattern(config: dict[str, Any], source: str = "config.json") -> str:
     return "".join(letters)
 
 
-def check_supported(config: dict[str, Any], source: str = "config.json") -> None:
-    """Raise `ConfigError` unless `config` describes a NemotronH causal LM."""
-    model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
+DECILM_MODEL_TYPE = "nemotron-nas"
+DECILM_ARCHITECTURE = "DeciLMForCausalLM"
+
+
+def family(config: dict[str, Any]) -> str | None:
+    """"nemotron_h" (hybrid Nano), "decilm" (Llama-Nemotron Super / Ultra), or None."""
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
     if model_type == NEMOTRON_H_MODEL_TYPE or NEMOTRON_H_ARCHITECTURE in architectures:
+        return "nemotron_h"
+    if model_type == DECILM_MODEL_TYPE or DECILM_ARCHITECTURE in architectures:
+        return "decilm"
+    return None
+
+
+def check_supported(config: dict[str, Any], source: str = "config.json", families=("nemotron_h",)) -> str:
+    """The model family of `config`; `ConfigError` unless it is one of `families`."""
+    found = family(config)
+    if found == "nemotron_h" and found in families:
         layer_pattern(config, source)
-        return
+        return found
+    if found == "decilm" and found in families:
+        from .decilm import DeciConfig
+
+        try:
+            DeciConfig.of(config, source)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return found
+    accepted = " and ".join({"nemotron_h": f"NemotronH (model_type {NEMOTRON_H_MODEL_TYPE!r})",
+                             "decilm": f"Llama-Nemotron NAS (model_type {DECILM_MODEL_TYPE!r})"}[f] for f in families)
     raise ConfigError(
-        f"{source}: model_type {model_type!r} (architectures {architectures}) is not supported; "
-        f"nano.load reads NemotronH checkpoints (model_type {NEMOTRON_H_MODEL_TYPE!r}, "
-        f"architecture {NEMOTRON_H_ARCHITECTURE!r})"
+        f"{source}: model_type {config.get('model_type')!r} (architectures {config.get('architectures') or []}) "
+        f"is not supported here; this reads {accepted} checkpoints"
     )
 
 

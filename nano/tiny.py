@@ -112,3 +112,74 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, overwrite: boo
         model.save_pretrained(tmp)
         tiny_tokenizer().save_pretrained(tmp)
     return Path(path)
+
+
+# A Llama-Nemotron (Ultra, Super) style template: the system prompt verbatim, where "detailed thinking
+# on" or "off" switches reasoning; with it on, the assistant turn opens `<think>\n`.
+ULTRA_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(think=false) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set ns.think = 'detailed thinking on' in messages[0]['content'] -%}"
+    "{{- '<SPECIAL_10>System\\n' + messages[0]['content'] + '\\n' -}}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if m['role'] == 'user' -%}{{- '<SPECIAL_11>User\\n' + m['content'] + '\\n' -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{{- '<SPECIAL_11>Assistant\\n' + m['content'].split('</think>')[-1].strip() + '\\n<SPECIAL_12>\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<SPECIAL_11>Assistant\\n' + ('<think>\\n' if ns.think else '<think></think>') -}}"
+    "{%- endif -%}"
+)
+
+# Every block kind of the family: GQA with two group sizes, a linear attention, a no-op attention;
+# gated FFNs of two widths, a linear FFN, a no-op FFN.
+TINY_DECILM_BLOCKS = [
+    {"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 1.5}},
+    {"attention": {"no_op": True}, "ffn": {"ffn_mult": 3.0}},
+    {"attention": {"replace_with_linear": True}, "ffn": {"replace_with_linear": True}},
+    {"attention": {"n_heads_in_group": 4}, "ffn": {"no_op": True}},
+    {"attention": {"n_heads_in_group": 1}, "ffn": {"ffn_mult": 1.0}},
+    {"attention": {"no_op": True}, "ffn": {"no_op": True}},
+]
+
+
+def tiny_decilm_config(**overrides) -> dict:
+    """config.json of a tiny Llama-Nemotron NAS (DeciLM) model with every block kind."""
+    ids = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    blocks = overrides.pop("block_configs", TINY_DECILM_BLOCKS)
+    return {
+        "architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas", "vocab_size": 288, "hidden_size": 64,
+        "num_attention_heads": 8, "head_dim": 16, "num_hidden_layers": len(blocks), "block_configs": blocks,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 512},
+        "bos_token_id": ids["<s>"], "eos_token_id": [ids[END_OF_TURN], ids["</s>"]], "torch_dtype": "float32",
+        **overrides,
+    }
+
+
+def build_tiny_decilm_checkpoint(path: str | os.PathLike, seed: int = 0, overwrite: bool = False, std: float = 0.2,
+                                 **overrides) -> Path:
+    """Write a tiny random-weight DeciLM checkpoint folder (config.json, model.safetensors, tokenizer)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .decilm import DeciConfig, DeciLMForCausalLM
+
+    config = tiny_decilm_config(**overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DeciLMForCausalLM(DeciConfig.of(config))
+        for name, p in model.named_parameters():
+            with torch.no_grad():
+                p.copy_(torch.ones_like(p) + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else std * torch.randn_like(p))
+    tokenizer = tiny_tokenizer(config["max_position_embeddings"])
+    tokenizer.chat_template = ULTRA_CHAT_TEMPLATE
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
