@@ -151,7 +151,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
     try:
-        check_supported(config, str(source))
+        check_supported(config, str(source), families=("nemotron_h", "decilm"))
     except ConfigError as e:
         raise ValueError(str(e)) from None
     options = dict(weight_dtype=args.dtype, kv_dtype=args.kv_dtype, ssm_dtype=args.ssm_dtype, quant=args.quant,

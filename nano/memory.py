@@ -309,6 +309,8 @@ def plan(
     with `quant`, the weights `recipe` quantizes are in that format (see RECIPES), the rest at `weight_dtype`."""
     if context < 1 or batch < 1:
         raise ValueError(f"context and batch must be at least 1, got context={context}, batch={batch}")
+    if _is_decilm(config):
+        return _plan_decilm(config, target, context, batch, weight_dtype, kv_dtype, activation_dtype, quant, tp)
     s = Shape.of(config)
     s.check_tp(tp)
     mamba_layers, attention_layers = s.pattern.count(MAMBA), s.pattern.count(ATTENTION)
@@ -328,6 +330,63 @@ def plan(
         kv_cache=int(kv / tp),
         ssm_state=int(ssm / tp),
         conv_state=int(conv / tp),
+        workspace=int(workspace),
+        overhead=OVERHEAD_BYTES,
+        usable=usable_bytes(target),
+        context=context,
+        batch=batch,
+    )
+
+
+def _is_decilm(config: Any) -> bool:
+    from .decilm import DeciConfig
+
+    if isinstance(config, DeciConfig):
+        return True
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return get("model_type") == "nemotron-nas" or "DeciLMForCausalLM" in (get("architectures") or [])
+
+
+def decilm_check_tp(config, tp: int) -> None:
+    """Refuse a tensor-parallel size that does not divide the heads, a layer's KV heads or FFN width."""
+    if tp < 1:
+        raise ValueError(f"tensor-parallel size must be at least 1, got {tp}")
+    if config.heads % tp:
+        raise ValueError(f"tensor-parallel size {tp} does not divide the {config.heads} attention heads")
+    for i, b in enumerate(config.blocks):
+        if b.attention == "gqa" and b.kv_heads % tp:
+            raise ValueError(f"tensor-parallel size {tp} does not divide layer {i}'s {b.kv_heads} KV heads")
+        if b.ffn == "gated" and b.intermediate % tp:
+            raise ValueError(f"tensor-parallel size {tp} does not divide layer {i}'s FFN width {b.intermediate}")
+
+
+def decilm_weight_bytes(config, dtype: str = "bf16", quant: str | None = None, tp: int = 1) -> int:
+    """Bytes of a DeciLM's weights on one GPU of `tp`: every layer's linear weights split (in the `quant`
+    format if given), the embeddings whole, the head split by vocabulary, norms whole."""
+    per = _bytes_of(dtype)
+    linear = quant_bytes(quant) if quant else per
+    layers = sum(config.block_parameters(b)["attention"] + config.block_parameters(b)["ffn"] for b in config.blocks)
+    norms = sum(config.block_parameters(b)["norms"] for b in config.blocks) + config.hidden
+    head = 0 if config.tied else config.vocab * config.hidden / tp
+    return int(layers / tp * linear + (config.vocab * config.hidden + head + norms) * per)
+
+
+def _plan_decilm(config, target, context, batch, weight_dtype, kv_dtype, activation_dtype, quant, tp) -> MemoryPlan:
+    from .decilm import DeciConfig
+
+    c = config if isinstance(config, DeciConfig) else DeciConfig.of(config)
+    decilm_check_tp(c, tp)
+    act = _bytes_of(activation_dtype)
+    kv = sum(2 * b.kv_heads // tp * c.head_dim for b in c.blocks if b.attention == "gqa") * context * batch
+    tokens = min(context, prefill_chunk(batch)) * batch
+    widest = max([2 * b.intermediate for b in c.blocks] + [(c.heads + 2 * max(b.kv_heads, 1)) * c.head_dim
+                                                           for b in c.blocks])
+    workspace = tokens * (widest / tp + 3 * c.hidden) * act + batch * c.vocab / tp * 4  # and the last logits, fp32
+    return MemoryPlan(
+        weights=decilm_weight_bytes(c, weight_dtype, quant, tp),
+        kv_cache=int(kv * _bytes_of(kv_dtype)),
+        ssm_state=0,
+        conv_state=0,
         workspace=int(workspace),
         overhead=OVERHEAD_BYTES,
         usable=usable_bytes(target),
@@ -372,7 +431,7 @@ class Fit:
             options.append(f"a context of at most {self.max_context} tokens")
         if self.plan.batch > 1 and self.max_batch:
             options.append(f"a batch of at most {self.max_batch}")
-        options += [f"--quant {q} --recipe {r}" for q, r in self.quantizations[:2]]
+        options += [f"--quant {q}" + (f" --recipe {r}" if r else "") for q, r in self.quantizations[:2]]
         return ("it would fit with " + " or ".join(options)) if options else "nothing fits this target; choose a larger GPU"
 
 
@@ -384,9 +443,10 @@ def fit(config: Any, target: str | float, context: int, batch: int = 1, max_cont
     best_context = largest(lambda n: plan(config, target, n, batch, **options).fits, max(max_context or context, context))
     best_batch = largest(lambda n: plan(config, target, context, n, **options).fits, 4096)
     arch = ARCHITECTURES.get(str(target).lower())
+    recipes = (None,) if _is_decilm(config) else RECIPES  # a DeciLM quantizes every layer's linears: no recipe
     quantizations = tuple(
-        (quant, recipe) for recipe in RECIPES for quant, (_, archs) in QUANT_FORMATS.items()
+        (quant, recipe) for recipe in recipes for quant, (_, archs) in QUANT_FORMATS.items()
         if (arch is None or arch in archs) and quant != options.get("quant")
-        and plan(config, target, context, batch, **dict(options, quant=quant, recipe=recipe)).fits
+        and plan(config, target, context, batch, **dict(options, quant=quant, recipe=recipe or DEFAULT_RECIPE)).fits
     )
     return Fit(result, best_context, best_batch, quantizations)
