@@ -103,9 +103,11 @@ class DeciConfig:
                 ffn_kind, width = NONE, 0
             elif ffn.get("replace_with_linear"):
                 ffn_kind, width = LINEAR, 0
+            elif ffn.get("intermediate_size"):  # the newer Puzzle format names the width itself
+                ffn_kind, width = GATED, int(ffn["intermediate_size"])
             else:
                 if not ffn.get("ffn_mult"):
-                    raise ValueError(f"{source}: block_configs[{i}].ffn.ffn_mult is missing")
+                    raise ValueError(f"{source}: block_configs[{i}].ffn has neither ffn_mult nor intermediate_size")
                 ffn_kind, width = GATED, ffn_width(ffn["ffn_mult"], hidden)
             blocks.append(Block(kind, kv, ffn_kind, width))
         scaling = get("rope_scaling")
