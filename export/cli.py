@@ -56,7 +56,8 @@ def cmd_export_trtllm(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {manifest['model']['parameters']} parameters, {args.quant or 'bf16'}, "
           f"{target['context']} tokens x batch {target['batch']} on {args.gpu}: "
           f"{plan['total'] / GIB:.2f} of {plan['usable'] / GIB:.1f} GiB")
-    print(f"next: nanokit build --bundle {args.out}   (or: sh {Path(args.out) / 'serve.sh'})")
+    first = "build.sh" if "build" in manifest["commands"] else "serve.sh"
+    print(f"next: nanokit build --bundle {args.out}   (or: sh {Path(args.out) / first})")
     return 0
 
 
@@ -89,7 +90,16 @@ def add_export(sub) -> None:
 def engine_available(kind: str) -> bool:
     if kind == "tensorrt-llm-pytorch":
         return importlib.util.find_spec("tensorrt_llm") is not None and shutil.which("trtllm-serve") is not None
+    if kind == "tensorrt-llm-engine":
+        return shutil.which("trtllm-build") is not None and shutil.which("trtllm-serve") is not None
     raise ValueError(f"bundle kind {kind!r} is not one this nanokit builds")
+
+
+def bundle_steps(manifest: dict, serve: bool) -> list[list[str]]:
+    """What building a bundle runs: its check or engine build, then (with `serve`) its server."""
+    commands = manifest["commands"]
+    first = commands["check"] if "check" in commands else commands["build"]
+    return [first] + ([commands["serve"]] if serve else [])
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -98,13 +108,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle)
     manifest = read_manifest(bundle)
     commands = manifest["commands"]
-    steps = [commands["check"]] + ([commands["serve"]] if args.serve else [])
+    steps = bundle_steps(manifest, args.serve)
     shown = "\n".join(f"  cd {shlex.quote(str(bundle))} && {shlex.join(step)}" for step in steps)
     if args.dry_run:
         print(shown)
         return 0
     if not engine_available(manifest["kind"]):
-        print(f"nanokit build: TensorRT-LLM is not installed here (no tensorrt_llm module or trtllm-serve). "
+        needs = "the tensorrt_llm module and trtllm-serve" if "check" in commands else "trtllm-build and trtllm-serve"
+        print(f"nanokit build: TensorRT-LLM is not installed here (it needs {needs}). "
               f"Install it:\n  {manifest['install']}\nthen run:\n{shown}\n  cd {shlex.quote(str(bundle))} && "
               f"{shlex.join(commands['serve'])}   # to serve", file=sys.stderr)
         return ENGINE_MISSING
@@ -115,7 +126,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"nanokit build: {step[0]} exited with status {status}", file=sys.stderr)
             return status
     if not args.serve:
-        print(f"the bundle loads and generates; serve it with: sh {bundle / 'serve.sh'}")
+        done = "the bundle loads and generates" if "check" in commands else "the engine is built"
+        print(f"{done}; serve it with: sh {bundle / 'serve.sh'}")
     return 0
 
 

@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 
 from nano.atomic import atomic_dir
-from nano.config import ConfigError, check_supported, layer_pattern
+from nano.config import ConfigError, check_supported, family, layer_pattern
 from nano.memory import (
     DEFAULT_RECIPE,
     GIB,
@@ -53,7 +53,7 @@ def read_config(model: str | Path) -> dict:
         raise ValueError(f"{model}: no config.json; --model is a Hugging Face checkpoint folder")
     config = json.loads(path.read_text())
     try:
-        check_supported(config, str(path))
+        check_supported(config, str(path), families=("nemotron_h", "decilm"))
     except ConfigError as e:
         raise ValueError(str(e)) from None
     return config
@@ -66,12 +66,16 @@ def size(config: dict, gpu: str, context: int, batch: int | None, quant: str | N
     if gpu.lower() in JETSON:
         raise ValueError(f"{gpu} is a Jetson board: TensorRT-LLM's PyTorch backend does not run there; "
                          f"use `nanokit export onnx` and TensorRT Edge-LLM")
+    decilm = family(config) == "decilm"
+    if quant and decilm:
+        raise ValueError(f"--quant {quant}: this export writes Llama-Nemotron NAS models in bf16; quantize them with "
+                         f"TensorRT-LLM's examples/quantization/quantize.py")
     if quant:
         check_quant_runs_on(quant, gpu)
     limit = config.get("max_position_embeddings")
     if limit and context > limit:
         raise ValueError(f"--context {context} is beyond the model's {limit} positions (max_position_embeddings)")
-    if tp not in (1, 2, 4, 8):
+    if tp not in (1, 2, 4, 8) and not decilm:
         raise ValueError(f"--tp {tp}: TensorRT-LLM runs NemotronH at tensor-parallel sizes 1, 2, 4 or 8")
     options = dict(quant=quant, recipe=recipe, tp=tp)
     found = fit(config, gpu, context, batch or 1, limit, **options)
@@ -85,10 +89,21 @@ def size(config: dict, gpu: str, context: int, batch: int | None, quant: str | N
     return found
 
 
-def llm_options(plan, tp: int = 1) -> dict:
-    """TensorRT-LLM's options for a plan: sizes for exactly what the planner allowed."""
+def llm_options(plan, tp: int = 1, hybrid: bool = True) -> dict:
+    """TensorRT-LLM's options for a plan: sizes for exactly what the planner allowed. For a hybrid, no
+    prefix reuse and an fp32 Mamba state; a DeciLM is read through its own modeling file."""
     kv_free = plan.usable - (plan.total - plan.kv_cache)  # memory left for the KV cache after the rest is loaded
     fraction = min(0.9, math.ceil(100 * 1.05 * plan.kv_cache / max(kv_free, 1)) / 100)
+    if not hybrid:
+        return {
+            **({"tensor_parallel_size": tp} if tp > 1 else {}),
+            "trust_remote_code": True,
+            "max_seq_len": plan.context,
+            "max_batch_size": plan.batch,
+            "max_num_tokens": min(8192, plan.context * plan.batch),
+            "enable_chunked_prefill": True,
+            "kv_cache_config": {"max_tokens": plan.context * plan.batch, "free_gpu_memory_fraction": fraction},
+        }
     return {
         **({"tensor_parallel_size": tp} if tp > 1 else {}),
         "max_seq_len": plan.context,
@@ -143,6 +158,8 @@ def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 1
 
     config = read_config(model)
     found = size(config, gpu, context, batch, quant, recipe, tp)
+    if family(config) == "decilm":
+        return export_decilm(model, out, gpu, context, found, config, tp, force, progress)
     if quant and calibration is None:
         raise ValueError(f"--quant {quant} needs calibration text (--calib PATH)")
     out = Path(out)
@@ -212,3 +229,86 @@ def _complete_config_for_trtllm(path: Path) -> None:
     if config.get("architectures") != ["NemotronHForCausalLM"]:
         raise ValueError(f"{path}: architectures {config.get('architectures')}; TensorRT-LLM loads NemotronHForCausalLM")
     path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+BUILD_SH = """#!/bin/sh
+# {title}
+# Builds the TensorRT engine from trtllm_checkpoint/ into engine/ (trtllm-build, TensorRT-LLM's classic path).
+set -eu
+cd "$(dirname "$0")"
+exec {command} "$@"
+"""
+
+ENGINE_SERVE_SH = """#!/bin/sh
+# {title}
+# Serves the built engine (after build.sh) on HOST:PORT (default 127.0.0.1:8000) over {tp} GPUs.
+set -eu
+cd "$(dirname "$0")"
+exec trtllm-serve engine --backend tensorrt --tokenizer tokenizer --tp_size {tp} --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" "$@"
+"""
+
+PYTORCH_SERVE_SH = """#!/bin/sh
+# {title}
+# Or, without building: TensorRT-LLM's PyTorch backend on the Hugging Face checkpoint (MODEL_DIR, by default the
+# folder this bundle was exported from), which reads the model through its own modeling file.
+set -eu
+cd "$(dirname "$0")"
+exec trtllm-serve "${{MODEL_DIR:-{source}}}" --backend pytorch --tp_size {tp} --trust_remote_code --extra_llm_api_options llm_options.yaml --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" "$@"
+"""
+
+ENGINE_KIND = "tensorrt-llm-engine"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def build_command(plan, tp: int) -> list[str]:
+    return ["trtllm-build", "--checkpoint_dir", "trtllm_checkpoint", "--output_dir", "engine", "--gemm_plugin", "auto",
+            "--kv_cache_type", "paged", "--use_paged_context_fmha", "enable", "--max_batch_size", str(plan.batch),
+            "--max_seq_len", str(plan.context), "--max_num_tokens", str(min(8192, plan.context * plan.batch)),
+            "--workers", str(tp)]
+
+
+def export_decilm(model, out, gpu: str, context: int, found, config: dict, tp: int, force: bool, progress: bool) -> dict:
+    """A Llama-Nemotron NAS bundle: the TensorRT-LLM checkpoint split over `tp` ranks for trtllm-build,
+    the tokenizer, build and serve scripts, and the PyTorch backend's options for the same sizes."""
+    import shutil
+
+    from nano.decilm import DeciConfig
+
+    from .trtllm_checkpoint import write_trtllm_checkpoint
+
+    out, source = Path(out), Path(model).resolve()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    plan, deci = found.plan, DeciConfig.of(config)
+    gpus = f"{tp} x {gpu}" if tp > 1 else gpu
+    title = (f"{source.name} on {gpus} ({plan.usable / GIB:.1f} GiB usable each): {context} tokens x batch "
+             f"{plan.batch}, bf16; written by nanokit export trtllm")
+    with atomic_dir(out, overwrite=force) as tmp:
+        (tmp / "trtllm_checkpoint").mkdir()
+        write_trtllm_checkpoint(source, tmp / "trtllm_checkpoint", deci, config, tp, "bfloat16", progress)
+        (tmp / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (source / name).exists():
+                shutil.copy2(source / name, tmp / "tokenizer" / name)
+        options = llm_options(plan, tp, hybrid=False)
+        header = (f"{title}\nFor the PyTorch backend (serve_pytorch.sh, or tensorrt_llm.LLM(model, **options)); "
+                  f"the engine path is build.sh then serve.sh.")
+        (tmp / "llm_options.yaml").write_text(options_yaml(options, header))
+        scripts = {"build.sh": BUILD_SH.format(title=title, command=" ".join(build_command(plan, tp))),
+                   "serve.sh": ENGINE_SERVE_SH.format(title=title, tp=tp),
+                   "serve_pytorch.sh": PYTORCH_SERVE_SH.format(title=title, tp=tp, source=source)}
+        for name, text in scripts.items():
+            (tmp / name).write_text(text)
+            (tmp / name).chmod(0o755)
+        (tmp / "plan.json").write_text(json.dumps(dict(plan.as_dict(), gpu=gpu, tp=tp, max_context=found.max_context,
+                                                       max_batch=found.max_batch), indent=2) + "\n")
+        manifest = write_manifest(
+            tmp, ENGINE_KIND,
+            model={"source": str(source), "architecture": "DeciLMForCausalLM", "parameters": format_count(deci.parameters())},
+            target={"gpu": gpu, "usable_bytes": plan.usable, "context": context, "batch": plan.batch, "tp": tp},
+            quantization=None,
+            commands={"build": ["sh", "build.sh"], "serve": ["sh", "serve.sh"], "serve_pytorch": ["sh", "serve_pytorch.sh"]},
+            install=INSTALL,
+        )
+    return manifest

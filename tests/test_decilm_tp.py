@@ -117,3 +117,50 @@ def test_ultra_on_the_meta_device_shapes_bytes_and_the_planner_agree():
     assert sizes[0] == plan(raw, "h100", 131072, tp=8).weights
     assert 62 < sizes[0] / GIB < 63  # about 62.4 GiB per GPU: the whole embedding table is on every rank
     assert trtllm_config(config, raw, "bfloat16", 8)["num_hidden_layers"] == 162
+
+
+def test_the_ultra_path_bundle_and_its_build(model_dir, tmp_path, capsys):
+    import yaml
+    from test_export import _fake_tensorrt_llm
+    from trtllm_schema import BUILD_FLAGS, DECI_CONFIG_KEYS, LAYER_CONFIG, SERVE_FLAGS, validate
+
+    from export.bundle import read_manifest
+    from nano.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["export", "trtllm", "--model", str(model_dir), "--gpu", "h100", "--tp", "4", "--context", "2048",
+                 "--out", str(out)]) == 0
+    manifest = read_manifest(out)
+    assert manifest["kind"] == "tensorrt-llm-engine" and manifest["target"]["tp"] == 4
+    config = json.loads((out / "trtllm_checkpoint" / "config.json").read_text())
+    assert set(config) <= DECI_CONFIG_KEYS and len(config["layer_configs"]) == len(TP_BLOCKS)
+    for layer in config["layer_configs"]:
+        for part, fields in LAYER_CONFIG.items():
+            assert layer[part]["impl"] in fields["impl"]
+    assert sorted(p.name for p in (out / "trtllm_checkpoint").glob("rank*")) == [f"rank{r}.safetensors" for r in range(4)]
+    options = yaml.safe_load((out / "llm_options.yaml").read_text())
+    assert validate(options) == [] and options["tensor_parallel_size"] == 4 and options["trust_remote_code"]
+    build = (out / "build.sh").read_text().split("exec ", 1)[1].split()
+    assert build[0] == "trtllm-build" and {w for w in build if w.startswith("--")} <= BUILD_FLAGS
+    assert build[build.index("--workers") + 1] == "4" and build[build.index("--max_seq_len") + 1] == "2048"
+    for script in ("serve.sh", "serve_pytorch.sh"):
+        flags = {w for w in (out / script).read_text().split("exec ", 1)[1].split() if w.startswith("--")}
+        assert flags <= SERVE_FLAGS, script
+
+    env = _fake_tensorrt_llm(tmp_path / "fake")
+    (tmp_path / "fake" / "bin" / "trtllm-build").write_text(
+        "#!/bin/sh\n# checks what it is given, then leaves an engine folder\n"
+        "test -f trtllm_checkpoint/config.json && test -f trtllm_checkpoint/rank3.safetensors || exit 9\n"
+        "mkdir -p engine && echo \"$@\" > engine/built-with\n")
+    (tmp_path / "fake" / "bin" / "trtllm-build").chmod(0o755)
+    ran = subprocess.run([sys.executable, "-m", "nano.cli", "build", "--bundle", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert "--workers 4" in (out / "engine" / "built-with").read_text() and "the engine is built" in ran.stdout
+
+    assert main(["export", "trtllm", "--model", str(model_dir), "--gpu", "h100", "--quant", "fp8", "--out",
+                 str(tmp_path / "q")]) == 2
+    assert "writes Llama-Nemotron NAS models in bf16" in capsys.readouterr().err
+    assert main(["export", "trtllm", "--model", str(model_dir), "--gpu", "h100", "--tp", "3", "--out",
+                 str(tmp_path / "t")]) == 2
+    assert "tensor-parallel size 3 does not divide the 16 attention heads" in capsys.readouterr().err

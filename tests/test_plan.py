@@ -105,3 +105,18 @@ def test_tensor_parallel_figures_are_per_gpu_and_bad_sizes_name_the_dimensions(c
     assert two["fits"] and not one["fits"]  # the 12B at 128k fits two A10Gs
     assert main(["plan", *args, "--tp", "16"]) == 2
     assert "tensor-parallel size 16 does not divide the attention heads 40, KV heads 8, Mamba groups 8\n" in capsys.readouterr().err
+
+
+def test_ultra_in_the_configurations_nvidia_tested(capsys):
+    from pathlib import Path
+
+    ultra = str(Path(__file__).parent / "data" / "ultra_config.json")
+    bf16 = plan_json(capsys, "--config", ultra, "--gpu", "h100", "--tp", "8")
+    assert bf16["fits"] and bf16["max_context"] == 131072 and bf16["max_batch"] == 2
+    assert bf16["ssm_state"] == 0 and bf16["kv_cache"] == 64 * 2 * 1 * 128 * 2 * 131072  # 64 GQA layers, 1 KV head per GPU
+    fp8 = plan_json(capsys, "--config", ultra, "--gpu", "h100", "--tp", "4", "--quant", "fp8")
+    assert fp8["fits"] and fp8["max_batch"] == 1
+    half = plan_json(capsys, "--config", ultra, "--gpu", "h100", "--tp", "4")
+    assert not half["fits"] and ["fp8", None] in half["quantizations_that_fit"]
+    assert main(["plan", "--config", ultra, "--gpu", "h100", "--tp", "16"]) == 2
+    assert "tensor-parallel size 16 does not divide layer 0's 8 KV heads" in capsys.readouterr().err

@@ -61,6 +61,22 @@ SERVE_FLAGS = {"--host", "--port", "--backend", "--max_batch_size", "--max_num_t
                "--tokenizer", "--reasoning_parser"}
 
 
+# trtllm-build flags (tensorrt_llm/commands/build.py and its plugin arguments).
+BUILD_FLAGS = {"--checkpoint_dir", "--output_dir", "--max_batch_size", "--max_input_len", "--max_seq_len",
+               "--max_beam_width", "--max_num_tokens", "--opt_num_tokens", "--kv_cache_type", "--workers",
+               "--logits_dtype", "--gemm_plugin", "--gpt_attention_plugin", "--context_fmha", "--use_paged_context_fmha",
+               "--remove_input_padding", "--tokens_per_block"}
+
+# Keyword arguments of the classic checkpoint's DeciConfig (tensorrt_llm/models/nemotron_nas/config.py).
+DECI_CONFIG_KEYS = {"architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                    "hidden_act", "logits_dtype", "norm_epsilon", "position_embedding_type", "rotary_base",
+                    "rotary_scaling", "max_position_embeddings", "num_key_value_heads", "intermediate_size", "mapping",
+                    "quantization", "use_parallel_embedding", "embedding_sharding_dim", "head_size", "qk_layernorm",
+                    "layer_configs", "block_configs"}
+LAYER_CONFIG = {"attention": {"impl": ("attention", "linear", "no_op"), "num_key_value_heads": int},
+                "ffn": {"impl": ("mlp", "linear", "no_op"), "intermediate_size": int}}
+
+
 def validate(options: dict, schema: dict = TORCH_LLM_ARGS, where: str = "") -> list[str]:
     """Problems TensorRT-LLM's pydantic models would raise for `options` (an empty list: none)."""
     problems = []
