@@ -6,7 +6,8 @@ column-parallel layers with gathered output: linear attention and FFN, lm_head),
 combine the ranks' parts. In one process the ranks are a list and the combining is a sum or a
 concatenation; under torch.distributed each process has one rank and they are the collectives.
 
-Run as a script under torchrun it is a rank: `decilm_tp.py CHECKPOINT IDS.pt OUT.pt`.
+Run as a script under torchrun it is a rank: `decilm_tp.py CHECKPOINT IDS.pt OUT.pt [gloo|nccl]`
+(with nccl, each rank computes on its own GPU, in fp64).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ def _attention(t, prefix, x, config, tp, freqs):
     qkv = x @ t[prefix + "attention.qkv.weight"].T
     q, k, v = qkv.split([heads * d, kv * d, kv * d], dim=-1)
     length = x.shape[0]
-    positions = torch.arange(length, dtype=torch.float64)
+    positions = torch.arange(length, dtype=torch.float64, device=x.device)
     q = _rope(q.view(length, heads, d), positions, freqs)
     k = _rope(k.view(length, kv, d), positions, freqs)
     v = v.view(length, kv, d)
     group = heads // kv
     outputs = []
-    causal = torch.ones(length, length).triu(1).bool()
+    causal = torch.ones(length, length, device=x.device).triu(1).bool()
     for head in range(heads):
         scores = (q[:, head] @ k[:, head // group].T / math.sqrt(d)).masked_fill(causal, float("-inf"))
         outputs.append(torch.softmax(scores, -1) @ v[:, head // group])
@@ -58,6 +59,7 @@ def forward(ranks: list[dict], config: dict, ids: torch.Tensor, tp: int, reduce,
     eps = config["norm_epsilon"]
     scaling = config["rotary_scaling"]
     freqs = _frequencies({"rope_theta": config["rotary_base"], "rope_scaling": scaling}, config["head_size"])
+    freqs = freqs.to(first["transformer.ln_f.weight"].device)
     x = first["transformer.vocab_embedding.weight"][ids]
     for i, layer in enumerate(config["layer_configs"]):
         p = f"transformer.layers.{i}."
@@ -101,11 +103,16 @@ def main() -> None:
     from safetensors.torch import load_file
 
     checkpoint, ids_file, out = sys.argv[1:4]
-    dist.init_process_group("gloo")
+    backend = sys.argv[4] if len(sys.argv) > 4 else "gloo"
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{int(__import__('os').environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     assert config["mapping"]["tp_size"] == world
-    mine = load_file(Path(checkpoint) / f"rank{rank}.safetensors")
+    mine = load_file(Path(checkpoint) / f"rank{rank}.safetensors", device=device)
 
     def reduce(parts):
         (part,) = parts
@@ -118,9 +125,9 @@ def main() -> None:
         dist.all_gather(pieces, part.contiguous())
         return torch.cat(pieces, -1)
 
-    logits = forward([mine], config, torch.load(ids_file), world, reduce, gather)
+    logits = forward([mine], config, torch.load(ids_file).to(device), world, reduce, gather)
     if rank == 0:
-        torch.save(logits, out)
+        torch.save(logits.cpu(), out)
     dist.destroy_process_group()
 
 
