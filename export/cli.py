@@ -26,6 +26,8 @@ def cmd_export_trtllm(args: argparse.Namespace) -> int:
 
     quiet_transformers()
     config = read_config(args.model)
+    if args.pp != 1:
+        raise ValueError(f"--pp {args.pp}: pipeline parallelism is not written yet; use --tp alone (--pp 1)")
     args.context = args.context or context_length(config)
     found = size(config, args.gpu, args.context, args.batch, args.quant, args.recipe, args.tp)  # before reading any text
     if args.dry_run:
@@ -74,6 +76,7 @@ def add_export(sub) -> None:
                    help="max_seq_len (default: the model's own, max_position_embeddings: 131072 for Nano 2)")
     t.add_argument("--batch", type=whole_number(1), help="max_batch_size (default: as many full contexts as fit, at most 64)")
     t.add_argument("--tp", type=whole_number(1), default=1, help="tensor-parallel size (1, 2, 4 or 8): sized per GPU")
+    t.add_argument("--pp", type=whole_number(1), default=1, help="pipeline-parallel size (only 1 is written so far)")
     t.add_argument("--quant", choices=list(QUANT_FORMATS), help="quantize through nvidia-modelopt")
     t.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
                    help="mamba-mlp: Mamba projections and MLPs (NVIDIA's Nano 2 recipe); mlp: MLPs only")

@@ -161,6 +161,9 @@ def test_the_ultra_path_bundle_and_its_build(model_dir, tmp_path, capsys):
     assert main(["export", "trtllm", "--model", str(model_dir), "--gpu", "h100", "--quant", "fp8", "--out",
                  str(tmp_path / "q")]) == 2
     assert "writes Llama-Nemotron NAS models in bf16" in capsys.readouterr().err
+    assert main(["export", "trtllm", "--model", str(model_dir), "--gpu", "h100", "--tp", "2", "--pp", "2", "--out",
+                 str(tmp_path / "t")]) == 2
+    assert "--pp 2: pipeline parallelism is not written yet" in capsys.readouterr().err
     assert main(["export", "trtllm", "--model", str(model_dir), "--gpu", "h100", "--tp", "3", "--out",
                  str(tmp_path / "t")]) == 2
     assert "tensor-parallel size 3 does not divide the 16 attention heads" in capsys.readouterr().err
