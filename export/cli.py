@@ -64,7 +64,7 @@ def cmd_export_trtllm(args: argparse.Namespace) -> int:
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a deployment bundle (TensorRT-LLM)",
+    p = sub.add_parser("export", help="write a deployment bundle (TensorRT-LLM, ONNX)",
                        description="Write a deployment bundle sized by the memory planner.")
     targets = p.add_subparsers(dest="target", required=True, metavar="ENGINE")
     t = targets.add_parser("trtllm", help="TensorRT-LLM's PyTorch backend (trtllm-serve, LLM)",
@@ -89,12 +89,44 @@ def add_export(sub) -> None:
     t.add_argument("--dry-run", action="store_true", help="size it and print the options; read config.json only")
     t.set_defaults(func=cmd_export_trtllm)
 
+    o = targets.add_parser("onnx", help="ONNX graphs (prefill and one decode step) for TensorRT and Jetson",
+                           description="Prefill and decode-step graphs with every cache (attention K/V, Mamba conv "
+                           "and SSM state) as inputs and outputs, dynamic batch and sequence axes, weights as "
+                           "external data, and a manifest of every input and output.")
+    o.add_argument("--model", required=True, help="checkpoint folder")
+    o.add_argument("--out", required=True, help="the bundle folder")
+    o.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="weights and activations (SSM state fp32)")
+    o.add_argument("--quant", choices=["int4_awq"], help="INT4 weights (not written yet)")
+    o.add_argument("--batch", type=whole_number(1), default=1, help="largest batch the engines are built for")
+    o.add_argument("--context", type=whole_number(2), help="longest sequence (default: the model's)")
+    o.add_argument("--force", action="store_true", help="replace an existing --out")
+    o.set_defaults(func=cmd_export_onnx)
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from nano.cli import quiet_transformers
+
+    from .onnx import export_onnx
+
+    quiet_transformers()
+    if args.quant:
+        raise ValueError(f"--quant {args.quant}: INT4 weights in the ONNX graphs are not written yet; export fp16 "
+                         f"(TensorRT Edge-LLM can quantize on its side)")
+    manifest = export_onnx(args.model, args.out, args.dtype, args.batch, args.context, force=args.force)
+    graphs = manifest["graphs"]
+    print(f"wrote {args.out}: {manifest['model']['parameters']} parameters, {args.dtype}, opset {graphs['prefill']['opset']}; "
+          f"prefill {len(graphs['prefill']['outputs']) - 1} caches out, decode {len(graphs['decode']['inputs']) - 1} in")
+    print(f"next: nanokit build --bundle {args.out}   (or: sh {Path(args.out) / 'build.sh'} where TensorRT is)")
+    return 0
+
 
 def engine_available(kind: str) -> bool:
     if kind == "tensorrt-llm-pytorch":
         return importlib.util.find_spec("tensorrt_llm") is not None and shutil.which("trtllm-serve") is not None
     if kind == "tensorrt-llm-engine":
         return shutil.which("trtllm-build") is not None and shutil.which("trtllm-serve") is not None
+    if kind == "onnx-tensorrt":
+        return shutil.which("trtexec") is not None
     raise ValueError(f"bundle kind {kind!r} is not one this nanokit builds")
 
 
@@ -117,10 +149,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(shown)
         return 0
     if not engine_available(manifest["kind"]):
-        needs = "the tensorrt_llm module and trtllm-serve" if "check" in commands else "trtllm-build and trtllm-serve"
-        print(f"nanokit build: TensorRT-LLM is not installed here (it needs {needs}). "
-              f"Install it:\n  {manifest['install']}\nthen run:\n{shown}\n  cd {shlex.quote(str(bundle))} && "
-              f"{shlex.join(commands['serve'])}   # to serve", file=sys.stderr)
+        needs = {"tensorrt-llm-pytorch": "TensorRT-LLM (the tensorrt_llm module and trtllm-serve)",
+                 "tensorrt-llm-engine": "TensorRT-LLM (trtllm-build and trtllm-serve)",
+                 "onnx-tensorrt": "TensorRT (trtexec)"}[manifest["kind"]]
+        serve = (f"\n  cd {shlex.quote(str(bundle))} && {shlex.join(commands['serve'])}   # to serve"
+                 if "serve" in commands and not args.serve else "")
+        print(f"nanokit build: this bundle needs {needs}, which is not installed here. "
+              f"Install it:\n  {manifest['install']}\nthen run:\n{shown}{serve}", file=sys.stderr)
         return ENGINE_MISSING
     for step in steps:
         print(f"+ {shlex.join(step)}", file=sys.stderr)
@@ -128,9 +163,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         if status:
             print(f"nanokit build: {step[0]} exited with status {status}", file=sys.stderr)
             return status
-    if not args.serve:
+    if not args.serve and "serve" in commands:
         done = "the bundle loads and generates" if "check" in commands else "the engine is built"
         print(f"{done}; serve it with: sh {bundle / 'serve.sh'}")
+    elif "serve" not in commands:
+        print(f"the engines are built in {bundle}")
     return 0
 
 
