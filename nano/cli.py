@@ -154,6 +154,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         check_supported(config, str(source), families=("nemotron_h", "decilm"))
     except ConfigError as e:
         raise ValueError(str(e)) from None
+    if args.jetson:
+        from .memory import jetson_options
+
+        rows = jetson_options(config, args.batch)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        print(f"{source}: Jetson boards, batch {args.batch} (weights at the precision; KV and activations fp16)")
+        print(f"  {'board':<8} {'usable':>7} {'precision':>9} {'weights':>9}  longest context")
+        for r in rows:
+            context = "none" if not r["max_context"] else f"{r['max_context']}" + (" (all)" if r["full_context"] else "")
+            print(f"  {r['board']:<8} {r['usable_gib']:>6.1f}G {r['precision']:>9} {r['weights_gib']:>8.2f}G  {context}")
+        return 0
+    if not args.gpu:
+        raise ValueError("--gpu is required (or --jetson for every Jetson board)")
     options = dict(weight_dtype=args.dtype, kv_dtype=args.kv_dtype, ssm_dtype=args.ssm_dtype, quant=args.quant,
                    recipe=args.recipe, tp=args.tp)
     if args.quant:
@@ -188,7 +203,8 @@ def add_plan(sub) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint folder (only its config.json is read)")
     source.add_argument("--config", help="a config.json")
-    p.add_argument("--gpu", required=True, help=f"one of {', '.join(TARGETS)}")
+    p.add_argument("--gpu", help=f"one of {', '.join(TARGETS)}")
+    p.add_argument("--jetson", action="store_true", help="every Orin and Thor board at each precision it runs")
     p.add_argument("--context", type=whole_number(1), default=131072)
     p.add_argument("--batch", type=whole_number(1), default=1)
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="weights (the unquantized ones, with --quant)")

@@ -450,3 +450,22 @@ def fit(config: Any, target: str | float, context: int, batch: int = 1, max_cont
         and plan(config, target, context, batch, **dict(options, quant=quant, recipe=recipe or DEFAULT_RECIPE)).fits
     )
     return Fit(result, best_context, best_batch, quantizations)
+
+
+# What each Jetson generation runs (Orin: no FP8; Thor, Blackwell: FP8 and FP4 too), most precise first.
+JETSON_PRECISIONS = {"ampere": ("fp16", "int8", "int4"), "blackwell": ("fp16", "fp8", "int4", "nvfp4")}
+
+
+def jetson_options(config: Any, batch: int = 1) -> list[dict]:
+    """For every Jetson board and each precision it runs: weights (all at that precision, as the ONNX
+    route quantizes them), and the longest context that fits for `batch` sequences (0: none)."""
+    limit = _get(config, "max_position_embeddings") or 131072
+    rows = []
+    for board in (name for name in TARGETS if name.startswith(("orin", "thor"))):
+        for precision in JETSON_PRECISIONS[ARCHITECTURES[board]]:
+            options = dict(weight_dtype=precision, kv_dtype="fp16", activation_dtype="fp16")
+            longest = largest(lambda n: plan(config, board, n, batch, **options).fits, limit)
+            rows.append(dict(board=board, usable_gib=TARGETS[board], precision=precision,
+                             weights_gib=round(plan(config, board, 1, batch, **options).weights / GIB, 2),
+                             max_context=longest, full_context=longest == limit))
+    return rows

@@ -120,3 +120,16 @@ def test_ultra_in_the_configurations_nvidia_tested(capsys):
     assert not half["fits"] and ["fp8", None] in half["quantizations_that_fit"]
     assert main(["plan", "--config", ultra, "--gpu", "h100", "--tp", "16"]) == 2
     assert "tensor-parallel size 16 does not divide layer 0's 8 KV heads" in capsys.readouterr().err
+
+
+def test_which_jetson_boards_hold_the_9b_at_which_precision_and_context(configs, capsys):
+    rows = plan_json(capsys, "--model", str(configs["nano-9b-v2"]), "--jetson")
+    table = {(r["board"], r["precision"]): r for r in rows}
+    assert {p for b, p in table if b.startswith("orin")} == {"fp16", "int8", "int4"}  # Orin: no FP8
+    assert {p for b, p in table if b == "thor"} == {"fp16", "fp8", "int4", "nvfp4"}
+    assert table["orin-8", "fp16"]["max_context"] == 0 and table["orin-8", "int8"]["max_context"] == 0
+    assert 0 < table["orin-8", "int4"]["max_context"] < 8192  # a short context only
+    assert table["orin-16", "int8"]["full_context"] and not table["orin-16", "fp16"]["max_context"]
+    assert all(r["full_context"] for r in rows if r["board"] == "thor")
+    assert main(["plan", "--model", str(configs["nano-9b-v2"]), "--jetson"]) == 0
+    assert "orin-16    12.5G      int8     8.28G  131072 (all)" in capsys.readouterr().out
