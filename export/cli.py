@@ -96,7 +96,10 @@ def add_export(sub) -> None:
     o.add_argument("--model", required=True, help="checkpoint folder")
     o.add_argument("--out", required=True, help="the bundle folder")
     o.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="weights and activations (SSM state fp32)")
-    o.add_argument("--quant", choices=["int4_awq"], help="INT4 weights (not written yet)")
+    o.add_argument("--quant", choices=["int4_awq"], help="INT4 AWQ weights (weight-only, blocks of 128)")
+    o.add_argument("--calib", help="calibration text for --quant (text, jsonl, parquet, or token ids)")
+    o.add_argument("--calib-samples", type=whole_number(1), default=64)
+    o.add_argument("--calib-len", type=whole_number(8), default=512)
     o.add_argument("--batch", type=whole_number(1), default=1, help="largest batch the engines are built for")
     o.add_argument("--context", type=whole_number(2), help="longest sequence (default: the model's)")
     o.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -109,10 +112,20 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from .onnx import export_onnx
 
     quiet_transformers()
+    calibration = None
     if args.quant:
-        raise ValueError(f"--quant {args.quant}: INT4 weights in the ONNX graphs are not written yet; export fp16 "
-                         f"(TensorRT Edge-LLM can quantize on its side)")
-    manifest = export_onnx(args.model, args.out, args.dtype, args.batch, args.context, force=args.force)
+        if not args.calib:
+            raise ValueError(f"--quant {args.quant} needs calibration text: --calib PATH (text, jsonl, parquet or token ids)")
+        if Path(args.out).exists() and not args.force:
+            raise FileExistsError(f"{args.out} already exists; pass --force to replace it")
+        from transformers import AutoTokenizer
+
+        from nano.data import token_samples
+
+        calibration = token_samples(args.calib, AutoTokenizer.from_pretrained(args.model), args.calib_samples,
+                                    args.calib_len)
+    manifest = export_onnx(args.model, args.out, args.dtype, args.batch, args.context, force=args.force,
+                           quant=args.quant, calibration=calibration)
     graphs = manifest["graphs"]
     print(f"wrote {args.out}: {manifest['model']['parameters']} parameters, {args.dtype}, opset {graphs['prefill']['opset']}; "
           f"prefill {len(graphs['prefill']['outputs']) - 1} caches out, decode {len(graphs['decode']['inputs']) - 1} in")

@@ -106,12 +106,17 @@ cd "$(dirname "$0")"
 
 
 def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: int = 1, context: int | None = None,
-                force: bool = False) -> dict:
-    """Write the ONNX bundle of `model` into `out` (all at once); its manifest."""
+                force: bool = False, quant: str | None = None, calibration: torch.Tensor | None = None) -> dict:
+    """Write the ONNX bundle of `model` into `out` (all at once); its manifest. With quant="int4_awq",
+    the linear layers run from INT4 weights (export.onnx_quant), calibrated on `calibration` token ids."""
     import nano
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}; the ONNX export writes {', '.join(DTYPES)}")
+    if quant not in (None, "int4_awq"):
+        raise ValueError(f"--quant {quant!r}; the ONNX export writes int4_awq")
+    if quant and calibration is None:
+        raise ValueError(f"--quant {quant} needs calibration text (--calib PATH)")
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
@@ -120,6 +125,12 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
         raise ValueError(f"{model}: the ONNX export is for the hybrid (NemotronH) family")
     hf = loaded.model
     context = context or hf.config.max_position_embeddings
+    layers = None
+    if quant:
+        from .onnx_quant import calibrate_awq
+
+        with torch.autocast("cpu", enabled=False):
+            layers = calibrate_awq(nano.load(model, device="cpu", dtype=torch.float32).model, calibration)
     prefill, decode = HybridPrefill(hf).eval(), HybridDecode(hf).eval()
     past_names, present_names = prefill.cache_names()
     ids, past = _examples(hf, DTYPES[dtype])
@@ -133,6 +144,12 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
                            for n in past_names)
         _export(decode, (ids[:, :1], *past), ["input_ids", *past_names], ["logits", *present_names],
                 ({0: rows}, cache_axes), tmp / "decode" / "model.onnx")
+        quantized = {}
+        if layers:
+            from .onnx_quant import apply_to_graph
+
+            for name in ("prefill", "decode"):
+                quantized[name] = apply_to_graph(tmp / name / "model.onnx", hf, layers, DTYPES[dtype])
         source = Path(loaded.path)
         (tmp / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:
@@ -149,6 +166,9 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
             model={"source": str(source.resolve()), "architecture": "NemotronHForCausalLM",
                    "parameters": format_count(parameter_count(hf.config))},
             target={"dtype": dtype, "batch": batch, "context": context},
+            quantization=None if not layers else {
+                "format": "int4_awq", "block_size": 128, "layers": len(layers), "rewritten": quantized,
+                "alphas": {n: layer.alpha for n, layer in layers.items()}},
             graphs=graphs,
             commands={"build": ["sh", "build.sh"]},
             install=INSTALL,
@@ -156,21 +176,24 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
     return manifest
 
 
-def onnx_sessions(bundle: str | Path):
-    """onnxruntime sessions of a bundle's prefill and decode graphs."""
+def onnx_sessions(bundle: str | Path, exact: bool = False):
+    """onnxruntime sessions of a bundle's prefill and decode graphs. `exact` keeps onnxruntime from
+    fusing INT4 dequantization into its own kernels, which quantize activations too."""
     import onnxruntime as ort
 
     bundle = Path(bundle)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if exact:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return tuple(ort.InferenceSession(str(bundle / name / "model.onnx"), options) for name in ("prefill", "decode"))
 
 
-def greedy(bundle: str | Path, input_ids: list[int], new_tokens: int) -> list[int]:
+def greedy(bundle: str | Path, input_ids: list[int], new_tokens: int, exact: bool = False) -> list[int]:
     """Greedy generation driven entirely through onnxruntime: prefill once, then one decode step per token."""
     import numpy as np
 
-    prefill, decode = onnx_sessions(bundle)
+    prefill, decode = onnx_sessions(bundle, exact)
     past_names = [i.name for i in decode.get_inputs()][1:]
     outputs = prefill.run(None, {"input_ids": np.array([input_ids], dtype=np.int64)})
     token, generated = outputs[0][:, -1].argmax(-1), []

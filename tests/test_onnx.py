@@ -5,6 +5,7 @@ different order than transformers), 5e-2 in fp16 (logits of magnitude about 6)."
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -134,4 +135,60 @@ def test_build_and_bad_input(bundle, tiny, tmp_path, capsys):
     assert main(["export", "onnx", "--model", str(tiny), "--out", str(bundle)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert main(["export", "onnx", "--model", str(tiny), "--quant", "int4_awq", "--out", str(tmp_path / "q")]) == 2
-    assert "INT4 weights in the ONNX graphs are not written yet" in capsys.readouterr().err
+    assert "--quant int4_awq needs calibration text" in capsys.readouterr().err
+
+
+def test_int4_awq_graphs_compute_what_their_dequantized_twin_does(tmp_path):
+    import jinja2
+    import onnx
+    from transformers import AutoTokenizer
+
+    from export.onnx_quant import calibrate_awq
+    from nano.data import token_samples
+
+    folder = build_tiny_checkpoint(tmp_path / "m", seed=1, hidden_size=128, intermediate_size=256, num_attention_heads=8,
+                                   head_dim=16)  # every linear layer's input a multiple of 128
+    out = tmp_path / "int4"
+    calib = ["--calib", jinja2.__path__[0], "--calib-samples", "8", "--calib-len", "64"]
+    assert main(["export", "onnx", "--model", str(folder), "--dtype", "fp32", "--quant", "int4_awq", *calib,
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["rewritten"] == {"prefill": 16, "decode": 16} and manifest["graphs"]["decode"]["opset"] == 21
+    graph = onnx.load(str(out / "decode" / "model.onnx"), load_external_data=False).graph
+    dequantize = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantize) == 16 and all({a.name: a.i for a in n.attribute}["block_size"] == 128 for n in dequantize)
+    assert {i.data_type for i in graph.initializer if i.name.endswith(".q")} == {onnx.TensorProto.INT4}
+
+    # The slow twin: the torch model with each layer's weight replaced by dq(q) / s, from the same calibration.
+    model = nano.load(folder, device="cpu")
+    samples = token_samples(jinja2.__path__[0], AutoTokenizer.from_pretrained(folder), 8, 64)
+    layers = calibrate_awq(model.model, samples)
+    assert sorted({n: layer.alpha for n, layer in layers.items()}.items()) == sorted(manifest["quantization"]["alphas"].items())
+    modules = dict(model.model.named_modules())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            modules[name].weight.copy_(layer.dequantized())
+        ids = torch.randint(3, 260, (2, 40), generator=torch.Generator().manual_seed(1))
+        expected = model.model(input_ids=ids).logits.numpy()
+    prefill, _ = onnx_sessions(out, exact=True)
+    assert np.abs(prefill.run(None, {"input_ids": ids.numpy()})[0] - expected).max() < FP32_TOLERANCE
+    prompt = model.chat.encode(model.chat.render("hi")[0])
+    with torch.no_grad():
+        twin_tokens = model.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert greedy(out, prompt, 16, exact=True) == twin_tokens
+
+
+def test_the_int4_rounding_and_its_twin():
+    from export.onnx_quant import Int4Layer, awq_layer, quantize_rtn
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 256, generator=g)
+    q, scales = quantize_rtn(w)
+    assert q.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7 and scales.shape == (16, 2)
+    plain = Int4Layer(q, scales, torch.ones(256), 0.0).dequantized()
+    assert (plain - w).abs().max() <= scales.max() / 2 + 1e-6  # round to nearest: half a step at most
+    x = torch.randn(64, 256, generator=g) * torch.linspace(0.1, 10, 256)  # a few loud input channels
+    chosen = awq_layer(w, x, x.abs().mean(0))
+    error = lambda layer: (x @ layer.dequantized().T - x @ w.T).pow(2).mean()  # noqa: E731
+    assert error(chosen) <= error(Int4Layer(q, scales, torch.ones(256), 0.0)) and chosen.alpha > 0
