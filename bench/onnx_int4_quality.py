@@ -9,6 +9,7 @@ problems (prompt and response, as AWQ calibrates on in-distribution text).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -56,10 +57,12 @@ def main() -> None:
     texts = []
     for p, g in zip(calibration_problems, nano.generate(model, [p.question for p in calibration_problems], max_new_tokens=512)):
         texts.append(model.chat.render(p.question)[0] + model.tokenizer.decode(g.token_ids))
-    calibration = token_samples(texts, model.tokenizer, 64, 256)
     eos = set(model.chat.think.eos)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        texts_file = Path(tmp) / "calibration.jsonl"
+        texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        calibration = token_samples(texts_file, model.tokenizer, 64, 256)
         for quant in (None, "int4_awq"):
             bundle = Path(tmp) / (quant or "fp32")
             export_onnx(model.path, bundle, "fp32", quant=quant, calibration=calibration if quant else None)

@@ -123,7 +123,8 @@ def test_build_prints_the_commands_without_tensorrt_llm_and_runs_them_with_it(bu
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     missing = subprocess.run(nanokit, capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 3
-    assert "TensorRT-LLM is not installed here" in missing.stderr and "pypi.nvidia.com" in missing.stderr
+    assert "needs TensorRT-LLM (the tensorrt_llm module and trtllm-serve), which is not installed here" in missing.stderr
+    assert "pypi.nvidia.com" in missing.stderr
     assert "from tensorrt_llm import LLM" in missing.stderr and "sh serve.sh" in missing.stderr
     dry = subprocess.run([*nanokit, "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
     assert dry.returncode == 0 and "from tensorrt_llm import LLM" in dry.stdout
