@@ -49,18 +49,19 @@ def ssd_scan(x, dt, A, B, C, D, dt_bias, initial_state, dt_limit, chunk_size: in
     xf, dtf, Bf, Cf = (t.reshape(b, -1, chunk_size, *t.shape[2:]) for t in (xf, dtf, Bf, Cf))
     a = (dtf * A.float()).permute(0, 3, 1, 2)  # (b, h, c, s): log of each step's decay
     cum = a.cumsum(dim=-1)
-    # Within a chunk: y_t = sum_{s<=t} C_t.B_s exp(cum_t - cum_s) dt_s x_s.
+    # Within a chunk: y_t = sum_{s<=t} C_t.B_s exp(cum_t - cum_s) dt_s x_s. Einsums of two operands only
+    # (TensorRT's Einsum layer takes at most two inputs): the elementwise factors are multiplied in first.
     decay = torch.exp(segsum(a))  # (b, h, c, t, s)
     scores = torch.einsum("bcthn,bcshn->bhcts", Cf, Bf) * decay
-    y = torch.einsum("bhcts,bcsh,bcshp->bcthp", scores, dtf, xf)
+    y = torch.einsum("bhcts,bcshp->bcthp", scores, xf * dtf[..., None])
     # Each chunk's contribution to the state at its end; then all chunks' starting states at once.
-    to_end = torch.exp(cum[..., -1:] - cum)  # (b, h, c, s)
-    chunk_states = torch.einsum("bhcs,bcsh,bcshp,bcshn->bchpn", to_end, dtf, xf, Bf)
+    to_end = torch.exp(cum[..., -1:] - cum).permute(0, 2, 3, 1)  # (b, c, s, h)
+    chunk_states = torch.einsum("bcshp,bcshn->bchpn", xf * (to_end * dtf)[..., None], Bf)
     states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)  # (b, 1 + c, h, p, n)
     across = torch.exp(segsum(F.pad(cum[..., -1], (1, 0))))  # (b, h, 1 + c, 1 + c)
     passed = torch.einsum("bhzc,bchpn->bzhpn", across, states)
     starts, final = passed[:, :-1], passed[:, -1]
-    y = y + torch.einsum("bcthn,bchpn,bhct->bcthp", Cf, starts, torch.exp(cum))
+    y = y + torch.einsum("bcthn,bchpn->bcthp", Cf * torch.exp(cum).permute(0, 2, 3, 1)[..., None], starts)
     y = y.reshape(b, -1, heads, p)[:, :length]
     return (y + D.float()[:, None] * x.float()).to(x.dtype), final
 

@@ -65,6 +65,11 @@ def test_the_manifest_describes_every_input_and_output(bundle):
         for listed, actual in ((graph["inputs"], session.get_inputs()), (graph["outputs"], session.get_outputs())):
             assert [(e["name"], e["shape"]) for e in listed] == [(a.name, a.shape) for a in actual]
             assert [e["dtype"] for e in listed] == [ORT_TYPES[a.type] for a in actual]
+    import onnx
+
+    for name in ("prefill", "decode"):  # TensorRT's Einsum layer takes at most two inputs
+        graph = onnx.load(str(bundle / name / "model.onnx"), load_external_data=False).graph
+        assert all(len(n.input) <= 2 for n in graph.node if n.op_type == "Einsum")
     decode = manifest["graphs"]["decode"]
     names = [e["name"] for e in decode["inputs"]]
     # pattern M-M*-M-: Mamba layers 0, 2, 5 carry conv and SSM states, attention layer 3 its K and V
