@@ -35,9 +35,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
-def _examples(model, dtype: torch.dtype, batch: int = 2, length: int = 21):
-    """Example inputs for tracing: a prompt, and caches of the right shapes for one decode step."""
+def _examples(model, dtype: torch.dtype, batch: int = 2):
+    """Example inputs for tracing: a prompt, and caches of the right shapes for one decode step. The
+    prompt spans more than one scan chunk and is not a multiple of it, so that no branch of the scan's
+    padding is specialised into the graph."""
     config, names = model.config, HybridPrefill(model).cache_names()[0]
+    length = config.chunk_size + 5
     ids = torch.randint(3, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
     past = []
     for name in names:
@@ -157,6 +160,9 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
                 shutil.copy2(source / name, tmp / "tokenizer" / name)
         shutil.copy2(source / "config.json", tmp / "config.json")
         graphs = {name: describe_graph(tmp / name / "model.onnx") for name in ("prefill", "decode")}
+        if graphs["prefill"]["inputs"][0]["shape"] != ["batch", "sequence"]:  # the exporter fixed an axis
+            raise RuntimeError(f"the prefill graph's input_ids came out {graphs['prefill']['inputs'][0]['shape']}, "
+                               f"not dynamic (batch, sequence)")
         title = f"{source.name}: ONNX ({dtype}), batch up to {batch}, context up to {context}; written by nanokit export onnx"
         commands = trtexec_commands(graphs, batch, context, dtype)
         (tmp / "build.sh").write_text(BUILD_SH.format(title=title, commands="\n".join(" ".join(c) for c in commands)))
