@@ -1,0 +1,1 @@
+"""Demos: the workstation server with its web page (`demos.workstation`) and the Jetson chat (`demos.jetson`)."""
