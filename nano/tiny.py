@@ -22,6 +22,17 @@ SPECIAL_TOKENS = [
 ]
 END_OF_TURN = "<SPECIAL_12>"
 
+# Both templates end alike: earlier assistant turns without their reasoning, and the assistant turn opened
+# with `<think>\n` (reasoning on) or an empty `<think></think>`.
+_TEMPLATE_TAIL = (
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{{- '<SPECIAL_11>Assistant\\n' + m['content'].split('</think>')[-1].strip() + '\\n<SPECIAL_12>\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<SPECIAL_11>Assistant\\n' + ('<think>\\n' if ns.think else '<think></think>') -}}"
+    "{%- endif -%}"
+)
+
 # Modelled on Nemotron Nano 2's template: a System header always, `/think` and `/no_think` read from
 # system and user turns (the last one wins) and removed from the text, reasoning of earlier
 # assistant turns dropped, and the assistant turn opened with `<think>\n` or an empty `<think></think>`.
@@ -38,12 +49,7 @@ CHAT_TEMPLATE = (
     "{%- for m in turns -%}"
     "{%- if m['role'] == 'user' -%}"
     "{{- '<SPECIAL_11>User\\n' + m['content'].replace('/no_think', '').replace('/think', '').strip() + '\\n' -}}"
-    "{%- elif m['role'] == 'assistant' -%}"
-    "{{- '<SPECIAL_11>Assistant\\n' + m['content'].split('</think>')[-1].strip() + '\\n<SPECIAL_12>\\n' -}}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<SPECIAL_11>Assistant\\n' + ('<think>\\n' if ns.think else '<think></think>') -}}"
-    "{%- endif -%}"
+    + _TEMPLATE_TAIL
 )
 
 TINY_CONFIG = dict(
@@ -124,12 +130,7 @@ ULTRA_CHAT_TEMPLATE = (
     "{%- else -%}{%- set turns = messages -%}{%- endif -%}"
     "{%- for m in turns -%}"
     "{%- if m['role'] == 'user' -%}{{- '<SPECIAL_11>User\\n' + m['content'] + '\\n' -}}"
-    "{%- elif m['role'] == 'assistant' -%}"
-    "{{- '<SPECIAL_11>Assistant\\n' + m['content'].split('</think>')[-1].strip() + '\\n<SPECIAL_12>\\n' -}}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<SPECIAL_11>Assistant\\n' + ('<think>\\n' if ns.think else '<think></think>') -}}"
-    "{%- endif -%}"
+    + _TEMPLATE_TAIL
 )
 
 # Every block kind of the family: GQA with two group sizes, a linear attention, a no-op attention;
