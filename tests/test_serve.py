@@ -4,12 +4,11 @@ budget, requests the server refuses, and concurrent requests batched without mix
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from serving import running
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -24,20 +23,8 @@ QUESTIONS = ["What is 12 + 7?", "What is 345 - 67?", "What is 8 * 9 + 1?", "What
 def server():
     model = nano.load("nano-tiny", device="cpu")
     app = create_app(model, "nano-tiny", max_batch=4, default_max_tokens=256)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not instance.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0), app, model
-    instance.should_exit = True
-    thread.join(timeout=10)
+    with running(app) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), app, model
 
 
 def test_models_and_a_chat_completion_with_its_reasoning_apart(server):
@@ -110,3 +97,22 @@ def test_concurrent_requests_are_batched_and_not_mixed_up(server):
         answers = list(pool.map(ask, QUESTIONS * 2))
     assert all(answer == expected[q] for q, answer in answers)
     assert app.state.batcher.largest > 1 and app.state.batcher.batches - before < len(answers)
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
+    client, app, model = server
+    long = [{"role": "user", "content": "What is 9876 * 5432 * 1234 - 987?"}]
+    stream = client.chat.completions.create(model="nano-tiny", messages=long, stream=True, max_tokens=2000)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()  # the client goes away after a few tokens
+    began = time.perf_counter()
+    short = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                           max_tokens=256)
+    waited = time.perf_counter() - began
+    alone = time.perf_counter()
+    nano.generate(model, long, max_new_tokens=2000)
+    full = time.perf_counter() - alone
+    assert "\\boxed{19}" in short.choices[0].message.content
+    assert waited < full  # the next request did not wait for the abandoned generation to run its course

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nano
@@ -166,6 +167,18 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int) -> Ticket:
                   top_p=_number(body, "top_p", 1.0, float, 0, 1), seed=_number(body, "seed", None, int))
 
 
+def memory_in_use(model) -> int:
+    """Bytes the model's process holds: allocated on its GPU, or resident in RAM on the CPU."""
+    import os
+
+    import torch
+
+    if model.device.type == "cuda":
+        return torch.cuda.memory_allocated(model.device)
+    with open("/proc/self/statm") as f:  # Linux: resident pages are the second field
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _usage(result) -> dict:
     completion = result.reasoning_tokens + result.answer_tokens
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
@@ -177,7 +190,7 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
     """The FastAPI application serving `model` (a `nano.Model`) as `model_name`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     app = FastAPI(title="nanokit", docs_url=None, redoc_url=None)
     batcher = Batcher(model, max_batch)
@@ -191,6 +204,17 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
     @app.exception_handler(RequestValidationError)
     async def invalid_json(request, exc):
         return error(400, f"body: not valid JSON ({exc.errors()[0].get('msg', 'unreadable')})", "body")
+
+    page = (Path(__file__).parent / "page.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.get("/stats")
+    async def stats():
+        return {"memory_bytes": memory_in_use(model), "memory_kind": "on the GPU" if model.device.type == "cuda" else
+                "resident", "batches": batcher.batches, "largest_batch": batcher.largest}
 
     @app.get("/v1/models")
     async def models():
