@@ -182,9 +182,26 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
     return manifest
 
 
+def providers(bundle: Path) -> list:
+    """onnxruntime's execution providers for a bundle, best first, among those installed: TensorRT
+    (which builds engines from the graphs and caches them in the bundle: the ONNX route's engines, as
+    onnxruntime-gpu on a Jetson or a workstation runs them), then CUDA, then the CPU."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    chosen = []
+    if "TensorrtExecutionProvider" in available:
+        fp16 = any(spec["dtype"] == "float16" for spec in describe_graph(bundle / "decode" / "model.onnx")["outputs"])
+        chosen.append(("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_fp16_enable": fp16,
+                                                      "trt_engine_cache_path": str(bundle / "trt_cache")}))
+    chosen += [name for name in ("CUDAExecutionProvider", "CPUExecutionProvider") if name in available]
+    return chosen
+
+
 def onnx_sessions(bundle: str | Path, exact: bool = False):
-    """onnxruntime sessions of a bundle's prefill and decode graphs. `exact` keeps onnxruntime from
-    fusing INT4 dequantization into its own kernels, which quantize activations too."""
+    """onnxruntime sessions of a bundle's prefill and decode graphs, on the best provider installed.
+    `exact` keeps onnxruntime from fusing INT4 dequantization into its own kernels, which quantize
+    activations too."""
     import onnxruntime as ort
 
     bundle = Path(bundle)
@@ -192,7 +209,8 @@ def onnx_sessions(bundle: str | Path, exact: bool = False):
     options.log_severity_level = 3
     if exact:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return tuple(ort.InferenceSession(str(bundle / name / "model.onnx"), options) for name in ("prefill", "decode"))
+    return tuple(ort.InferenceSession(str(bundle / name / "model.onnx"), options, providers=providers(bundle))
+                 for name in ("prefill", "decode"))
 
 
 def greedy(bundle: str | Path, input_ids: list[int], new_tokens: int, exact: bool = False) -> list[int]:

@@ -1,7 +1,7 @@
 """A terminal chat for Jetson Orin and Thor boards, with the reasoning shown apart and tokens/s.
 
     python -m demos.jetson.chat --model nano-9b            # torch (JetPack ships it)
-    python -m demos.jetson.chat --bundle nano-9b-onnx      # the ONNX route's graphs (onnxruntime)
+    python -m demos.jetson.chat --bundle nano-9b-onnx      # the ONNX route (onnxruntime; its TensorRT provider where installed)
 
 It finds the board from the device tree (`/proc/device-tree/model` and `compatible`, the memory
 from `/proc/meminfo`), or takes `--device orin-16`, and asks the planner which precision and context
@@ -58,12 +58,11 @@ class OnnxDecoder:
     bundle from `nanokit export onnx`, run by onnxruntime: the budget controller and the sampler are
     nano.generate's own."""
 
-    name = "ONNX graphs on onnxruntime"
-
     def __init__(self, bundle: Path):
         from export.onnx import onnx_sessions
 
         self.prefill_graph, self.decode_graph = onnx_sessions(bundle)
+        self.name = f"ONNX graphs on onnxruntime ({self.decode_graph.get_providers()[0]})"
         self.names = [i.name for i in self.decode_graph.get_inputs()][1:]
         self.caches = None
 
@@ -86,9 +85,11 @@ class OnnxDecoder:
 
 
 def use_bundle(model, bundle: Path) -> None:
-    """Make `model` generate through the bundle's graphs (its tokenizer and chat format stay)."""
-    model.decoder = lambda rows=1, capacity=None: OnnxDecoder(bundle)
-    model.runtime_name = lambda: OnnxDecoder.name
+    """Make `model` generate through the bundle's graphs (its tokenizer and chat format stay): with
+    onnxruntime's TensorRT provider where it is installed (engines built once, cached in the bundle)."""
+    decoder = OnnxDecoder(bundle)
+    model.decoder = lambda rows=1, capacity=None: decoder
+    model.runtime_name = lambda: decoder.name
 
 
 def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
