@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 FORMAT = "nanokit-bundle"
 VERSION = 1
 
@@ -25,6 +27,16 @@ def sha256(path: Path, block: int = 1 << 24) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    """The checkpoint's tokenizer files (those it has) into `folder`, created here."""
+    import shutil
+
+    folder.mkdir()
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, folder / name)
 
 
 def write_manifest(folder: Path, kind: str, **fields) -> dict:

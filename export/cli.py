@@ -16,6 +16,17 @@ from nano.memory import DEFAULT_RECIPE, QUANT_FORMATS, RECIPES, TARGETS
 ENGINE_MISSING = 3  # exit status when the bundle's engine is not installed here (its commands are printed)
 
 
+def _calibration(args: argparse.Namespace):
+    """The --calib text as token samples for --quant, tokenized by the model's tokenizer."""
+    if not args.calib:
+        raise ValueError(f"--quant {args.quant} needs calibration text: --calib PATH (text, jsonl, parquet or token ids)")
+    from transformers import AutoTokenizer
+
+    from nano.data import token_samples
+
+    return token_samples(args.calib, AutoTokenizer.from_pretrained(args.model), args.calib_samples, args.calib_len)
+
+
 def cmd_export_trtllm(args: argparse.Namespace) -> int:
     from nano.cli import quiet_transformers
     from nano.memory import GIB
@@ -41,16 +52,7 @@ def cmd_export_trtllm(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ValueError("--out is required (the bundle folder)")
-    calibration = None
-    if args.quant:
-        if not args.calib:
-            raise ValueError(f"--quant {args.quant} needs calibration text: --calib PATH (text, jsonl, parquet or token ids)")
-        from transformers import AutoTokenizer
-
-        from nano.data import token_samples
-
-        calibration = token_samples(args.calib, AutoTokenizer.from_pretrained(args.model), args.calib_samples,
-                                    args.calib_len)
+    calibration = _calibration(args) if args.quant else None
     manifest = export_trtllm(args.model, args.out, args.gpu, args.context, args.batch, args.quant, args.recipe,
                              calibration, device=args.device, tp=args.tp, force=args.force, progress=sys.stderr.isatty())
     target = manifest["target"]
@@ -112,18 +114,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from .onnx import export_onnx
 
     quiet_transformers()
-    calibration = None
-    if args.quant:
-        if not args.calib:
-            raise ValueError(f"--quant {args.quant} needs calibration text: --calib PATH (text, jsonl, parquet or token ids)")
-        if Path(args.out).exists() and not args.force:
-            raise FileExistsError(f"{args.out} already exists; pass --force to replace it")
-        from transformers import AutoTokenizer
-
-        from nano.data import token_samples
-
-        calibration = token_samples(args.calib, AutoTokenizer.from_pretrained(args.model), args.calib_samples,
-                                    args.calib_len)
+    if args.quant and Path(args.out).exists() and not args.force:  # before reading any text
+        raise FileExistsError(f"{args.out} already exists; pass --force to replace it")
+    calibration = _calibration(args) if args.quant else None
     manifest = export_onnx(args.model, args.out, args.dtype, args.batch, args.context, force=args.force,
                            quant=args.quant, calibration=calibration)
     graphs = manifest["graphs"]

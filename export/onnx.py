@@ -24,15 +24,13 @@ import torch
 from nano.atomic import atomic_dir
 from nano.memory import format_count, parameter_count
 
-from .bundle import write_manifest
+from .bundle import copy_tokenizer, write_manifest
 from .onnx_model import HybridDecode, HybridPrefill
 
 KIND = "onnx-tensorrt"
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 INSTALL = ("TensorRT (trtexec) from https://developer.nvidia.com/tensorrt, or JetPack on a Jetson board; "
            "TensorRT Edge-LLM builds these graphs on the device")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 
 
 def _examples(model, dtype: torch.dtype, batch: int = 2):
@@ -154,10 +152,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
             for name in ("prefill", "decode"):
                 quantized[name] = apply_to_graph(tmp / name / "model.onnx", hf, layers, DTYPES[dtype])
         source = Path(loaded.path)
-        (tmp / "tokenizer").mkdir()
-        for name in TOKENIZER_FILES:
-            if (source / name).exists():
-                shutil.copy2(source / name, tmp / "tokenizer" / name)
+        copy_tokenizer(source, tmp / "tokenizer")
         shutil.copy2(source / "config.json", tmp / "config.json")
         graphs = {name: describe_graph(tmp / name / "model.onnx") for name in ("prefill", "decode")}
         if graphs["prefill"]["inputs"][0]["shape"] != ["batch", "sequence"]:  # the exporter fixed an axis

@@ -38,7 +38,7 @@ from nano.memory import (
     usable_bytes,
 )
 
-from .bundle import write_manifest
+from .bundle import copy_tokenizer, write_manifest
 
 KIND = "tensorrt-llm-pytorch"
 DEFAULT_MAX_BATCH = 64
@@ -257,8 +257,6 @@ exec trtllm-serve "${{MODEL_DIR:-{source}}}" --backend pytorch --tp_size {tp} --
 """
 
 ENGINE_KIND = "tensorrt-llm-engine"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 
 
 def build_command(plan, tp: int) -> list[str]:
@@ -271,8 +269,6 @@ def build_command(plan, tp: int) -> list[str]:
 def export_decilm(model, out, gpu: str, context: int, found, config: dict, tp: int, force: bool, progress: bool) -> dict:
     """A Llama-Nemotron NAS bundle: the TensorRT-LLM checkpoint split over `tp` ranks for trtllm-build,
     the tokenizer, build and serve scripts, and the PyTorch backend's options for the same sizes."""
-    import shutil
-
     from nano.decilm import DeciConfig
 
     from .trtllm_checkpoint import write_trtllm_checkpoint
@@ -287,10 +283,7 @@ def export_decilm(model, out, gpu: str, context: int, found, config: dict, tp: i
     with atomic_dir(out, overwrite=force) as tmp:
         (tmp / "trtllm_checkpoint").mkdir()
         write_trtllm_checkpoint(source, tmp / "trtllm_checkpoint", deci, config, tp, "bfloat16", progress)
-        (tmp / "tokenizer").mkdir()
-        for name in TOKENIZER_FILES:
-            if (source / name).exists():
-                shutil.copy2(source / name, tmp / "tokenizer" / name)
+        copy_tokenizer(source, tmp / "tokenizer")
         options = llm_options(plan, tp, hybrid=False)
         header = (f"{title}\nFor the PyTorch backend (serve_pytorch.sh, or tensorrt_llm.LLM(model, **options)); "
                   f"the engine path is build.sh then serve.sh.")
