@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from nano.checkpoint import complete_checkpoint
 from nano.memory import quantized_groups
 
 # Our format name -> (modelopt's base config, the quant_algo TensorRT-LLM reads).
@@ -128,6 +129,7 @@ def export_quantized(model, tokenizer, quant: str, recipe: str, group_size: int 
         warnings.simplefilter("ignore")
         export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out)
     tokenizer.save_pretrained(out)
+    complete_checkpoint(out)
     return _fix_checkpoint(out, quant, recipe, group_size)
 
 

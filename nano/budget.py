@@ -17,21 +17,32 @@ The rule, per row of a batch (the `budget` argument of `nano.generate`):
 Everything lives on the model's device and no value is read back to the host, so the decode loop
 can run ahead of the CPU and the step can be captured in a CUDA graph. The pure-Python twin that
 this must match token for token is `tests/budget_spec.py`.
+
+This file needs nothing but torch on the CPU: TensorRT-LLM bundles carry it verbatim, as the rule
+their logits processor runs (`export/trtllm_budget/`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-
-from .chat import ThinkTokens
-from .compiled import compiled
 
 # What each generated token is, per row and step.
 REASONING, ANSWER, CONTROL, END, PAD = 0, 1, 2, 3, 4
 NO_LIMIT = 2**62
 _LINE_END, _EOS = 1, 2  # bits of BudgetController.token_class
+
+
+@dataclass(frozen=True)
+class ThinkTokens:
+    """The token ids the budget controller works with."""
+
+    open: int
+    close: int
+    close_sequence: tuple[int, ...]  # what a budget cut forces: `</think>` and the newline after it
+    eos: tuple[int, ...]
 
 
 def default_grace(budget: int) -> int:
@@ -94,7 +105,11 @@ class BudgetController:
 
         Returns the tokens to emit and feed back, and what each one is (REASONING, ANSWER, ...).
         """
-        step = compiled(_advance) if sampled.is_cuda else _advance
+        step = _advance
+        if sampled.is_cuda:
+            from .compiled import compiled  # the only import beyond torch, and only on a GPU
+
+            step = compiled(_advance)
         return step(
             sampled, self.force, self.count, self.thinking, self.done, self.hit, self.generated,
             self.budget, self.limit, self.max_new, self.close_sequence, self.token_class,

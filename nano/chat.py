@@ -10,11 +10,12 @@ in the form the checkpoint's template understands. Reasoning is on by default.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Sequence
 
 import torch
+
+from .budget import ThinkTokens
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -26,16 +27,6 @@ _SYSTEM_ROLES = ("system", "developer")
 
 class ChatError(ValueError):
     """A tokenizer or a conversation cannot be used for reasoning-controlled generation."""
-
-
-@dataclass(frozen=True)
-class ThinkTokens:
-    """The token ids the budget controller works with."""
-
-    open: int
-    close: int
-    close_sequence: tuple[int, ...]  # what a budget cut forces: `</think>` and the newline after it
-    eos: tuple[int, ...]
 
 
 def _single_token(tokenizer, text: str, source: str) -> int:

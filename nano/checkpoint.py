@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from .atomic import atomic_dir
 from .chat import ChatFormat
-from .config import ConfigError, check_supported, context_length
+from .config import ConfigError, check_supported, context_length, family, with_layer_fields
 from .reference import ReferenceDecoder
 from .kernels import select_kernels
 from .runtime import HybridRuntime, describe
@@ -90,9 +90,44 @@ class Model:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a checkpoint folder that `nano.load` and `from_pretrained` read; all or nothing."""
         with atomic_dir(path, overwrite=overwrite) as tmp:
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
+            write_checkpoint(tmp, self.model, self.tokenizer)
         return Path(path)
+
+
+# transformers 5 names the fast tokenizer's class after its new backend; transformers 4 (which
+# TensorRT-LLM pins) knows the same class by its old name, and transformers 5 reads the old name too.
+_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def write_checkpoint(folder: str | os.PathLike, model, tokenizer, state_dict=None) -> None:
+    """Save `model` and `tokenizer` into `folder` as a checkpoint every reader of the family takes:
+    transformers 5 and 4, TensorRT-LLM, TensorRT Edge-LLM's exporter, and `nano.load`.
+
+    The caller makes `folder` atomic. `state_dict` replaces the model's own tensors (as in
+    `save_pretrained`)."""
+    folder = Path(folder)
+    model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
+    tokenizer.save_pretrained(folder)
+    complete_checkpoint(folder)
+
+
+def complete_checkpoint(folder: str | os.PathLike) -> None:
+    """Rewrite what transformers 5 saved in `folder` so that readers written for transformers 4 take it:
+    a NemotronH config gets `hybrid_override_pattern` and `num_hidden_layers`, and the tokenizer's
+    class gets the name both versions know."""
+    folder = Path(folder)
+    config_path = folder / CONFIG
+    config = _read_json(config_path)
+    if family(config) == "nemotron_h":
+        completed = with_layer_fields(config, str(config_path))
+        if completed != config:
+            config_path.write_text(json.dumps(completed, indent=2) + "\n")
+    tokenizer_path = folder / "tokenizer_config.json"
+    if tokenizer_path.exists():
+        settings = _read_json(tokenizer_path)
+        if settings.get("tokenizer_class") in _TOKENIZER_CLASSES:
+            settings["tokenizer_class"] = _TOKENIZER_CLASSES[settings["tokenizer_class"]]
+            tokenizer_path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _read_json(path: Path) -> dict:

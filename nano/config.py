@@ -33,22 +33,31 @@ class ConfigError(ValueError):
 def layer_pattern(config: dict[str, Any], source: str = "config.json") -> str:
     """The layer layout as a pattern string such as ``"M-M*-"``.
 
-    Reads `hybrid_override_pattern` or `layers_block_type`; `source` names the file in errors.
+    Reads `hybrid_override_pattern` or `layers_block_type` (both, where both are set: they must
+    agree, since transformers 5 reads the list and older readers the string); `source` names the
+    file in errors.
     """
     pattern = config.get("hybrid_override_pattern")
-    if pattern is not None:
-        if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(f"{source}: hybrid_override_pattern must be a non-empty string, got {pattern!r}")
-        for i, letter in enumerate(pattern):
-            if letter not in (MAMBA, ATTENTION, MLP, MOE):
-                raise ConfigError(
-                    f"{source}: hybrid_override_pattern has {letter!r} at layer {i}; "
-                    f"accepted letters are 'M' (Mamba2), '*' (attention), '-' (MLP), 'E' (MoE)"
-                )
-        return pattern
     block_types = config.get("layers_block_type")
-    if block_types is None:
+    if pattern is None and block_types is None:
         raise ConfigError(f"{source}: neither hybrid_override_pattern nor layers_block_type is set")
+    listed = None if block_types is None else _pattern_of_block_types(block_types, source)
+    if pattern is None:
+        return listed
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"{source}: hybrid_override_pattern must be a non-empty string, got {pattern!r}")
+    for i, letter in enumerate(pattern):
+        if letter not in (MAMBA, ATTENTION, MLP, MOE):
+            raise ConfigError(
+                f"{source}: hybrid_override_pattern has {letter!r} at layer {i}; "
+                f"accepted letters are 'M' (Mamba2), '*' (attention), '-' (MLP), 'E' (MoE)"
+            )
+    if listed is not None and listed != pattern:
+        raise ConfigError(f"{source}: hybrid_override_pattern {pattern!r} disagrees with layers_block_type ({listed!r})")
+    return pattern
+
+
+def _pattern_of_block_types(block_types, source: str) -> str:
     if not isinstance(block_types, list) or not block_types:
         raise ConfigError(f"{source}: layers_block_type must be a non-empty list, got {block_types!r}")
     letters = []
@@ -60,6 +69,22 @@ def layer_pattern(config: dict[str, Any], source: str = "config.json") -> str:
             )
         letters.append(_LETTER_OF_BLOCK_TYPE[block_type])
     return "".join(letters)
+
+
+def with_layer_fields(config: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """`config` with `hybrid_override_pattern` and `num_hidden_layers` written out.
+
+    transformers 5 saves the layout as `layers_block_type` alone; the readers written against the
+    older form (TensorRT-LLM's NemotronH, TensorRT Edge-LLM's exporter, the configuration code of
+    NVIDIA's published checkpoints) read the pattern string and the layer count, and without them
+    build the default pattern or stop. transformers 5 reads both fields back as before.
+    """
+    pattern = layer_pattern(config, source)
+    layers = config.get("num_hidden_layers")
+    if layers is not None and layers != len(pattern):
+        raise ConfigError(f"{source}: num_hidden_layers is {layers}, but the layer pattern {pattern!r} has "
+                          f"{len(pattern)} layers")
+    return {**config, "hybrid_override_pattern": pattern, "num_hidden_layers": len(pattern)}
 
 
 DECILM_MODEL_TYPE = "nemotron-nas"

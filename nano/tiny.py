@@ -110,13 +110,14 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, overwrite: boo
     """Write a tiny random-weight NemotronH checkpoint folder at `path` (all at once)."""
     from transformers import NemotronHForCausalLM
 
+    from .checkpoint import write_checkpoint
+
     config = tiny_config(**overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = NemotronHForCausalLM(config)
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tiny_tokenizer().save_pretrained(tmp)
+        write_checkpoint(tmp, model, tiny_tokenizer())
     return Path(path)
 
 
@@ -167,6 +168,7 @@ def build_tiny_decilm_checkpoint(path: str | os.PathLike, seed: int = 0, overwri
 
     from safetensors.torch import save_file
 
+    from .checkpoint import complete_checkpoint
     from .decilm import DeciConfig, DeciLMForCausalLM
 
     config = tiny_decilm_config(**overrides)
@@ -183,4 +185,5 @@ def build_tiny_decilm_checkpoint(path: str | os.PathLike, seed: int = 0, overwri
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        complete_checkpoint(tmp)
     return Path(path)

@@ -247,9 +247,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     import nano
     from nano.atomic import atomic_dir
-    from nano.checkpoint import resolve
+    from nano.checkpoint import resolve, write_checkpoint
     from nano.cli import quiet_transformers
-
     from nano.data import token_samples
     from .train import DistillConfig, distill, full_state_dict
 
@@ -297,8 +296,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if rank == 0:
         dtype = _saved_dtype(student_dir)
         with atomic_dir(out, overwrite=True) as tmp:
-            student.model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()})
-            student.tokenizer.save_pretrained(tmp)
+            write_checkpoint(tmp, student.model, student.tokenizer, state_dict={k: v.to(dtype) for k, v in state.items()})
             record = dict(teacher=str(args.teacher), student=str(args.student), data=str(args.data),
                           processes=world, config=config.__dict__, resumed_from=history.resumed_from,
                           steps=history.steps, evals=history.evals)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from nano.atomic import atomic_dir
+from nano.checkpoint import write_checkpoint
 from nano.memory import format_count, parameter_count
 
 from .importance import Importance, LayerStep, rank_layers, width_importance
@@ -120,8 +121,7 @@ def write(result: Result, teacher_config, tokenizer, out, record: dict, overwrit
         peak_gib=result.peak_gib,
     )
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        result.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write_checkpoint(tmp, result.model, tokenizer)
         torch.save(result.importance.state_dict(), tmp / "importance.pt")
         if result.candidates is not None:
             (tmp / "ranking.json").write_text(json.dumps([c.row() for c in result.candidates], indent=2) + "\n")

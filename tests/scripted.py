@@ -8,6 +8,7 @@ sampler picks if the controller forbids the scripted token.
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Callable, Sequence
 
@@ -103,3 +104,63 @@ def sequence(tokens: Sequence[int]) -> Script:
         return tokens[len(history)] if len(history) < len(tokens) else EOS
 
     return script
+
+
+@functools.lru_cache(maxsize=None)
+def bundled_budget():
+    """The `nanokit_budget` package exactly as a TensorRT-LLM bundle carries it, written for the tiny
+    tokenizer into a temporary folder and imported from there."""
+    import importlib
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from export.trtllm_budget import PROCESSOR_PACKAGE, write_budget_packages
+
+    folder = Path(tempfile.mkdtemp(prefix="nanokit-budget-"))
+    write_budget_packages(folder, ChatFormat(TOKENIZER, _CONFIG.eos_token_id), _CONFIG.vocab_size)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(PROCESSOR_PACKAGE)
+
+
+class TrtllmScripted(ScriptedModel):
+    """The same scripted model generating through the stand-in for TensorRT-LLM 1.2.1's engine
+    (tests/trtllm_standin.py) with the bundle's `ThinkingBudget` processor instead of nano.generate.
+
+    The prompt is rendered as nano.generate renders it (a client asking for budget 0 or
+    think=False sends reasoning off); the processor is handed the user's budget and finds the rest
+    in the prompt's ids."""
+
+    def __init__(self, *scripts: Script, prefill_chunks: int = 2, overlap: bool = False, **kwargs):
+        super().__init__(*scripts, **kwargs)
+        self.prefill_chunks, self.overlap = prefill_chunks, overlap
+        self.engine = None
+
+    def generate(self, prompt="Q?", budget=None, grace=None, think=True, max_new_tokens=400):
+        from nano.generate import _generation
+        from trtllm_standin import Engine
+
+        batched = isinstance(prompt, list)
+        prompts = prompt if batched else [prompt]
+        budgets = budget if isinstance(budget, list) else [budget] * len(prompts)
+        graces = grace if isinstance(grace, list) else [grace] * len(prompts)
+        ThinkingBudget = bundled_budget().ThinkingBudget
+
+        def logits_of(row: int, generated: list[int]) -> torch.Tensor:
+            logits = torch.zeros(self.config.vocab_size)
+            logits[X] = 5.0
+            logits[self.scripts[row % len(self.scripts)](generated)] = 10.0
+            return logits
+
+        self.engine = engine = Engine(logits_of, self.config.vocab_size, self.prefill_chunks, self.overlap)
+        requests = []
+        for i, (p, b, g) in enumerate(zip(prompts, budgets, graces)):
+            text, _ = self.chat.render(p, think=bool(think) and b != 0)
+            requests.append(engine.add(100 + i, self.chat.encode(text), ThinkingBudget(b, g), max_new_tokens,
+                                       self.chat.think.eos))
+        engine.run(requests)
+        results = []
+        for r in requests:
+            state = r.processors[0].state(r.req_id, r.prompt + r.generated)
+            results.append(_generation(self.tokenizer, r.generated, state["kinds"], state["budget_hit"], len(r.prompt)))
+        return results if batched else results[0]

@@ -123,8 +123,11 @@ def test_unsupported_architecture(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c.pop("layers_block_type"), "neither hybrid_override_pattern nor layers_block_type"),
+        (lambda c: (c.pop("layers_block_type"), c.pop("hybrid_override_pattern")),
+         "neither hybrid_override_pattern nor layers_block_type"),
         (lambda c: c.update(layers_block_type=["mamba", "conv"]), r"layers_block_type\[1\] is 'conv'"),
+        (lambda c: c.update(hybrid_override_pattern="M" * len(c["layers_block_type"])),
+         "hybrid_override_pattern 'M+' disagrees with layers_block_type"),
         (lambda c: (c.pop("layers_block_type"), c.update(hybrid_override_pattern="M-X")), "hybrid_override_pattern has 'X' at layer 2"),
     ],
 )

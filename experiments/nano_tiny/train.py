@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from nano.arithmetic import answer_text, sample, trace  # noqa: E402
 from nano.atomic import atomic_dir  # noqa: E402
 from nano.chat import ChatFormat  # noqa: E402
+from nano.checkpoint import write_checkpoint  # noqa: E402
 from nano.tiny import END_OF_TURN, tiny_config, tiny_tokenizer  # noqa: E402
 
 # A hybrid shaped like the 12B's pattern (Mamba/MLP pairs, attention every few), scaled down to
@@ -187,8 +188,7 @@ def main() -> None:
 
     model.eval()
     with atomic_dir(args.out, overwrite=True) as tmp:
-        model.to(torch.bfloat16).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write_checkpoint(tmp, model.to(torch.bfloat16), tokenizer)
         recipe = {
             "steps": step,
             "minutes": args.minutes,
