@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shlex
 import shutil
 import subprocess
@@ -22,9 +23,11 @@ def _calibration(args: argparse.Namespace):
         raise ValueError(f"--quant {args.quant} needs calibration text: --calib PATH (text, jsonl, parquet or token ids)")
     from transformers import AutoTokenizer
 
+    from nano.checkpoint import resolve
     from nano.data import token_samples
 
-    return token_samples(args.calib, AutoTokenizer.from_pretrained(args.model), args.calib_samples, args.calib_len)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(args.model))
+    return token_samples(args.calib, tokenizer, args.calib_samples, args.calib_len)
 
 
 def cmd_export_trtllm(args: argparse.Namespace) -> int:
@@ -91,6 +94,28 @@ def add_export(sub) -> None:
     t.add_argument("--dry-run", action="store_true", help="size it and print the options; read config.json only")
     t.set_defaults(func=cmd_export_trtllm)
 
+    e = targets.add_parser("edgellm", help="TensorRT Edge-LLM on Jetson, through its own exporter",
+                           description="Run TensorRT Edge-LLM's exporter (and quantizer) on the checkpoint, completed "
+                           "with what it reads, and write a bundle with the board's build and run commands, the "
+                           "planner's fit on every Jetson board and a manifest.")
+    e.add_argument("--model", required=True, help="checkpoint folder")
+    e.add_argument("--out", help="the bundle folder (required unless --dry-run)")
+    e.add_argument("--quant", choices=["int4_awq", "int8_sq", "fp8", "nvfp4", "mxfp8"],
+                   help="Edge-LLM's quantizer (Orin runs int4_awq and int8_sq; the rest need Thor)")
+    e.add_argument("--calib", help="calibration text for --quant (text, jsonl, parquet, or token ids)")
+    e.add_argument("--calib-samples", type=whole_number(1), default=64)
+    e.add_argument("--calib-len", type=whole_number(8), default=512)
+    e.add_argument("--board", help="the Jetson board to size for (orin-8, orin-16, orin-32, orin-64, thor)")
+    e.add_argument("--context", type=whole_number(2), help="--maxKVCacheCapacity (default: the longest that fits the "
+                   "board, or the model's own)")
+    e.add_argument("--max-input", type=whole_number(1), help="--maxInputLen, the longest prompt (default: 4096)")
+    e.add_argument("--batch", type=whole_number(1), default=1, help="--maxBatchSize")
+    e.add_argument("--exporter", help="path of tensorrt-edgellm-export (default: on PATH or beside this Python)")
+    e.add_argument("--device", default="cpu", help="where Edge-LLM's quantizer calibrates (cpu, or cuda)")
+    e.add_argument("--force", action="store_true", help="replace an existing --out")
+    e.add_argument("--dry-run", action="store_true", help="the boards' fit only; read config.json only")
+    e.set_defaults(func=cmd_export_edgellm)
+
     o = targets.add_parser("onnx", help="ONNX graphs (prefill and one decode step) for TensorRT and Jetson",
                            description="Prefill and decode-step graphs with every cache (attention K/V, Mamba conv "
                            "and SSM state) as inputs and outputs, dynamic batch and sequence axes, weights as "
@@ -106,6 +131,37 @@ def add_export(sub) -> None:
     o.add_argument("--context", type=whole_number(2), help="longest sequence (default: the model's)")
     o.add_argument("--force", action="store_true", help="replace an existing --out")
     o.set_defaults(func=cmd_export_onnx)
+
+
+def cmd_export_edgellm(args: argparse.Namespace) -> int:
+    from nano.cli import quiet_transformers
+
+    from .edgellm import export_edgellm, read_config, size
+
+    quiet_transformers()
+    config = read_config(args.model)
+    context, rows = size(config, args.board, args.context, args.batch, args.quant)  # before reading any text
+    if args.dry_run:
+        print(f"{args.model}: {args.quant or 'fp16'} for TensorRT Edge-LLM, {args.batch} x {context} tokens")
+        for r in rows:
+            fits = (f"up to {r['max_context']} tokens" + (" (all)" if r["full_context"] else "")) if r["max_context"] else (
+                "does not fit" if r["runs"] else "does not run this precision")
+            print(f"  {r['board']:8} {r['usable_gib']:5.1f} GiB  weights {r['weights_gib']:6.2f} GiB  {fits}")
+        return 0
+    if not args.out:
+        raise ValueError("--out is required (the bundle folder)")
+    if Path(args.out).exists() and not args.force:  # before reading any text
+        raise FileExistsError(f"{args.out} already exists; pass --force to replace it")
+    calibration = _calibration(args) if args.quant else None
+    manifest = export_edgellm(args.model, args.out, args.quant, args.board, args.context, args.batch, args.max_input,
+                              calibration, exporter=args.exporter, device=args.device, force=args.force)
+    target = manifest["target"]
+    print(f"wrote {args.out}: {manifest['model']['parameters']} parameters, {args.quant or 'fp16'}, "
+          f"{target['batch']} x {target['context']} tokens" + (f" on {args.board}" if args.board else "")
+          + f"; exported by tensorrt-edgellm {manifest['exporter']['version'] or '(version unknown)'}")
+    print(f"next, on the board: sh {Path(args.out) / 'build.sh'} && sh {Path(args.out) / 'run.sh'}   "
+          f"(or nanokit build --bundle {args.out})")
+    return 0
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -133,6 +189,8 @@ def engine_available(kind: str) -> bool:
         return shutil.which("trtllm-build") is not None and shutil.which("trtllm-serve") is not None
     if kind == "onnx-tensorrt":
         return shutil.which("trtexec") is not None
+    if kind == "tensorrt-edge-llm":
+        return shutil.which(os.environ.get("LLM_BUILD", "llm_build")) is not None
     raise ValueError(f"bundle kind {kind!r} is not one this nanokit builds")
 
 
@@ -157,7 +215,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not engine_available(manifest["kind"]):
         needs = {"tensorrt-llm-pytorch": "TensorRT-LLM (the tensorrt_llm module and trtllm-serve)",
                  "tensorrt-llm-engine": "TensorRT-LLM (trtllm-build and trtllm-serve)",
-                 "onnx-tensorrt": "TensorRT (trtexec)"}[manifest["kind"]]
+                 "onnx-tensorrt": "TensorRT (trtexec)",
+                 "tensorrt-edge-llm": "TensorRT Edge-LLM on the board (llm_build, llm_inference)"}[manifest["kind"]]
         serve = (f"\n  cd {shlex.quote(str(bundle))} && {shlex.join(commands['serve'])}   # to serve"
                  if "serve" in commands and not args.serve else "")
         print(f"nanokit build: this bundle needs {needs}, which is not installed here. "
@@ -172,6 +231,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not args.serve and "serve" in commands:
         done = "the bundle loads and generates" if "check" in commands else "the engine is built"
         print(f"{done}; serve it with: sh {bundle / 'serve.sh'}")
+    elif "run" in commands:
+        print(f"the engine is built; run it with: sh {bundle / 'run.sh'}")
     elif "serve" not in commands:
         print(f"the engines are built in {bundle}")
     return 0

@@ -161,7 +161,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows))
             return 0
-        print(f"{source}: Jetson boards, batch {args.batch} (weights at the precision; KV and activations fp16)")
+        print(f"{source}: Jetson boards, batch {args.batch} (linear layers at the precision; embeddings, head, norms, conv, KV and activations fp16)")
         print(f"  {'board':<8} {'usable':>7} {'precision':>9} {'weights':>9}  longest context")
         for r in rows:
             context = "none" if not r["max_context"] else f"{r['max_context']}" + (" (all)" if r["full_context"] else "")

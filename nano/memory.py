@@ -17,7 +17,7 @@ Memory on one GPU, for `batch` sequences of `context` tokens:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .config import ATTENTION, MAMBA, MLP, layer_pattern
@@ -454,18 +454,37 @@ def fit(config: Any, target: str | float, context: int, batch: int = 1, max_cont
 
 # What each Jetson generation runs (Orin: no FP8; Thor, Blackwell: FP8 and FP4 too), most precise first.
 JETSON_PRECISIONS = {"ampere": ("fp16", "int8", "int4"), "blackwell": ("fp16", "fp8", "int4", "nvfp4")}
+# What a Jetson route stores at the precision: every linear layer but the head. The embeddings, the head,
+# the norms and the conv stay in fp16 (nanokit's ONNX INT4 and TensorRT Edge-LLM's quantizer alike).
+JETSON_QUANTIZED = ("mamba_in_proj", "mamba_out_proj", "attention", "mlp")
 
 
-def jetson_options(config: Any, batch: int = 1) -> list[dict]:
-    """For every Jetson board and each precision it runs: weights (all at that precision, as the ONNX
-    route quantizes them), and the longest context that fits for `batch` sequences (0: none)."""
+def jetson_plan(config: Any, board: str, context: int, batch: int = 1, precision: str = "fp16",
+                ssm_dtype: str = "fp32") -> MemoryPlan:
+    """`plan` for a Jetson route: the linear layers at `precision`, the rest of the weights, the KV
+    cache and activations in fp16, the SSM state in `ssm_dtype` (fp32 on the ONNX route; TensorRT
+    Edge-LLM keeps it in fp16)."""
+    if _is_decilm(config):  # no embedding split here: every weight at the precision
+        return plan(config, board, context, batch, weight_dtype=precision, kv_dtype="fp16", activation_dtype="fp16")
+    base = plan(config, board, context, batch, weight_dtype="fp16", kv_dtype="fp16", ssm_dtype=ssm_dtype,
+                activation_dtype="fp16")
+    if precision == "fp16":
+        return base
+    groups = Shape.of(config).parameter_groups()
+    weights = sum(n * _bytes_of(precision if name in JETSON_QUANTIZED else "fp16") for name, n in groups.items())
+    return replace(base, weights=int(weights))
+
+
+def jetson_options(config: Any, batch: int = 1, ssm_dtype: str = "fp32") -> list[dict]:
+    """For every Jetson board and each precision it runs: the weights (`jetson_plan`), and the
+    longest context that fits for `batch` sequences (0: none)."""
     limit = _get(config, "max_position_embeddings") or 131072
     rows = []
     for board in (name for name in TARGETS if name.startswith(("orin", "thor"))):
         for precision in JETSON_PRECISIONS[ARCHITECTURES[board]]:
-            options = dict(weight_dtype=precision, kv_dtype="fp16", activation_dtype="fp16")
-            longest = largest(lambda n: plan(config, board, n, batch, **options).fits, limit)
+            at = lambda n: jetson_plan(config, board, n, batch, precision, ssm_dtype)  # noqa: E731
+            longest = largest(lambda n: at(n).fits, limit)
             rows.append(dict(board=board, usable_gib=TARGETS[board], precision=precision,
-                             weights_gib=round(plan(config, board, 1, batch, **options).weights / GIB, 2),
-                             max_context=longest, full_context=longest == limit))
+                             weights_gib=round(at(1).weights / GIB, 2), max_context=longest,
+                             full_context=longest == limit))
     return rows
