@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 from nano.atomic import atomic_dir
-from nano.config import ConfigError, check_supported, family, layer_pattern
+from nano.config import ConfigError, check_supported, family, with_layer_fields
 from nano.memory import (
     DEFAULT_RECIPE,
     GIB,
@@ -39,6 +40,7 @@ from nano.memory import (
 )
 
 from .bundle import copy_tokenizer, write_manifest
+from .trtllm_budget import BUNDLED, HOOK_PACKAGE, write_budget_packages
 
 KIND = "tensorrt-llm-pytorch"
 DEFAULT_MAX_BATCH = 64
@@ -106,6 +108,10 @@ def llm_options(plan, tp: int = 1, hybrid: bool = True) -> dict:
         }
     return {
         **({"tensor_parallel_size": tp} if tp > 1 else {}),
+        "trust_remote_code": True,  # the checkpoint's configuration code: transformers 4.57.3 has no NemotronH
+        # The budget's logits processor must see each sampled token before the next step's logits; the
+        # overlap scheduler hands it the ids a step late.
+        "disable_overlap_scheduler": True,
         "max_seq_len": plan.context,
         "max_batch_size": plan.batch,
         "max_num_tokens": min(PREFILL_CHUNK, plan.context * plan.batch),
@@ -127,21 +133,34 @@ def options_yaml(options: dict, header: str) -> str:
     return comment + yaml.safe_dump(options, sort_keys=False)
 
 
-CHECK = ("import yaml; from tensorrt_llm import LLM; "
+# Nano 2's template leaves the prompt inside reasoning (`<think>\n`): "nano-v3" files the output before
+# `</think>` as reasoning. Llama-Nemotron's model writes `<think>` itself: "qwen3" looks for it.
+REASONING_PARSER = {"nemotron_h": "nano-v3", "decilm": "qwen3"}
+
+CHECK = ("import sys, yaml; sys.path.insert(0, '.'); from tensorrt_llm import LLM, SamplingParams; "
+         "from nanokit_budget import ThinkingBudget; "
          "llm = LLM('checkpoint', **yaml.safe_load(open('llm_options.yaml'))); "
-         "print(llm.generate(['The capital of France is'])[0].outputs[0].text)")
+         "params = SamplingParams(max_tokens=64, logits_processor=ThinkingBudget(16)); "
+         "print(llm.generate(['The capital of France is'], params)[0].outputs[0].text)")
 
 
 def serve_command(tp: int = 1) -> list[str]:
-    command = ["trtllm-serve", "checkpoint", "--backend", "pytorch", "--extra_llm_api_options", "llm_options.yaml"]
+    command = ["trtllm-serve", "checkpoint", "--backend", "pytorch", "--trust_remote_code",
+               "--reasoning_parser", REASONING_PARSER["nemotron_h"], "--custom_module_dirs", HOOK_PACKAGE,
+               "--extra_llm_api_options", "llm_options.yaml"]
     return command + (["--tp_size", str(tp)] if tp > 1 else [])
 
 
 SERVE_SH = """#!/bin/sh
 # {title}
 # An OpenAI-compatible server on HOST:PORT (default 127.0.0.1:8000); more trtllm-serve flags pass through.
+# Thinking budget: per request in chat_template_kwargs ({{"thinking_budget": 256, "thinking_grace": 16}}), or
+# THINKING_BUDGET (and THINKING_GRACE) here for requests that give none (nanokit_serve_hook, nanokit_budget).
+# Reasoning comes back in reasoning_content (nano-v3); with /no_think, also send
+# chat_template_kwargs {{"enable_thinking": false}}, or the answer is filed as reasoning.
 set -eu
 cd "$(dirname "$0")"
+export PYTHONPATH="$PWD${{PYTHONPATH:+:$PYTHONPATH}}"  # the executor's workers unpickle nanokit_budget
 exec {command} --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" "$@"
 """
 
@@ -155,6 +174,7 @@ def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 1
     import torch
 
     import nano
+    from nano.checkpoint import write_checkpoint
 
     config = read_config(model)
     found = size(config, gpu, context, batch, quant, recipe, tp)
@@ -177,9 +197,9 @@ def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 1
             quantized = quantize_and_export(loaded.model, loaded.tokenizer, quant, recipe, calibration, checkpoint,
                                             progress=progress)
         else:
-            loaded.model.save_pretrained(checkpoint)
-            loaded.tokenizer.save_pretrained(checkpoint)
-        _complete_config_for_trtllm(checkpoint / "config.json")
+            write_checkpoint(checkpoint, loaded.model, loaded.tokenizer)
+        prepare_for_trtllm(checkpoint)
+        write_budget_packages(tmp, loaded.chat, config["vocab_size"])
         on_disk = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
         gpus = f"{tp} x {gpu}" if tp > 1 else gpu
         title = (f"{Path(model).name} on {gpus} ({plan.usable / GIB:.1f} GiB usable each): {context} tokens x batch "
@@ -211,24 +231,40 @@ def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 1
     return manifest
 
 
-def _complete_config_for_trtllm(path: Path) -> None:
-    """Write the fields TensorRT-LLM's NemotronH reads into config.json. transformers 5 saves the layer
-    kinds as `layers_block_type` alone; TensorRT-LLM (and transformers 4, which it pins) read
-    `hybrid_override_pattern` and `num_hidden_layers`, and without them would build the default
-    pattern, not this model's. `head_dim` must be explicit too: hidden / heads is wrong for the 9B."""
-    config = json.loads(path.read_text())
-    pattern = layer_pattern(config, str(path))
-    if config.get("hybrid_override_pattern") not in (None, pattern):
-        raise ValueError(f"{path}: hybrid_override_pattern {config['hybrid_override_pattern']!r} disagrees with "
-                         f"layers_block_type ({pattern!r})")
-    config.update(hybrid_override_pattern=pattern, num_hidden_layers=len(pattern))
-    missing = [k for k in ("head_dim", "mamba_head_dim", "mamba_num_heads", "n_groups", "ssm_state_size", "conv_kernel",
-                           "chunk_size") if config.get(k) is None]
+CONFIG_CODE = "configuration_nemotron_h.py"
+AUTO_MAP = {"AutoConfig": "configuration_nemotron_h.NemotronHConfig"}
+# What TensorRT-LLM's NemotronH reads that has no default there (see tests/data/trtllm_1_2_1_reads.json).
+TRTLLM_REQUIRED = ("head_dim", "mamba_head_dim", "mamba_num_heads", "n_groups", "ssm_state_size", "conv_kernel",
+                   "chunk_size")
+
+
+def prepare_for_trtllm(checkpoint: Path) -> None:
+    """Make a checkpoint folder written by transformers 5 one that TensorRT-LLM 1.2.1 loads.
+
+    TensorRT-LLM reads the config with the transformers it pins (4.57.3), which has no NemotronH: the
+    folder gets this project's configuration code and `auto_map` (`trust_remote_code` in the options
+    and launch flags). Its layers read `hybrid_override_pattern`, `num_hidden_layers` (written by
+    `write_checkpoint`) and `rms_norm_eps`. The think tags become ordinary tokens in the tokenizer,
+    so that its default `skip_special_tokens` leaves `</think>` in the text its reasoning parser splits."""
+    path = checkpoint / "config.json"
+    config = with_layer_fields(json.loads(path.read_text()), str(path))
+    missing = [k for k in TRTLLM_REQUIRED if config.get(k) is None]
     if missing:
         raise ValueError(f"{path}: TensorRT-LLM needs {', '.join(missing)} in config.json")
     if config.get("architectures") != ["NemotronHForCausalLM"]:
         raise ValueError(f"{path}: architectures {config.get('architectures')}; TensorRT-LLM loads NemotronHForCausalLM")
+    config.update(rms_norm_eps=config["layer_norm_epsilon"], auto_map=AUTO_MAP)
     path.write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(BUNDLED / CONFIG_CODE, checkpoint / CONFIG_CODE)
+    _think_tags_as_text(checkpoint / "tokenizer.json")
+
+
+def _think_tags_as_text(path: Path) -> None:
+    tokenizer = json.loads(path.read_text())
+    for token in tokenizer.get("added_tokens", []):
+        if token["content"] in ("<think>", "</think>"):
+            token["special"] = False
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False) + "\n")
 
 
 BUILD_SH = """#!/bin/sh

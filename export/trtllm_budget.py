@@ -15,8 +15,6 @@ import json
 import shutil
 from pathlib import Path
 
-import nano.budget
-
 BUNDLED = Path(__file__).with_name("bundled")
 PROCESSOR_PACKAGE = "nanokit_budget"
 HOOK_PACKAGE = "nanokit_serve_hook"
@@ -42,6 +40,8 @@ def budget_tokens(chat, vocab_size: int) -> dict:
 
 def write_budget_packages(folder: Path, chat, vocab_size: int) -> None:
     """Write both packages into the bundle folder `folder`."""
+    import nano.budget
+
     processor = folder / PROCESSOR_PACKAGE
     processor.mkdir()
     shutil.copyfile(BUNDLED / "budget_processor.py", processor / "__init__.py")

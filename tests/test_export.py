@@ -99,21 +99,33 @@ class _Output:
 class _Result:
     outputs = [_Output()]
 
+class SamplingParams:
+    def __init__(self, max_tokens=None, logits_processor=None):
+        self.max_tokens, self.logits_processor = max_tokens, logits_processor
+
 class LLM:
     def __init__(self, model, **options):
         problems = validate(dict(options, model=model))
         if problems:
             raise ValueError(problems)
-        json.dump(dict(model=model, options=options), open({str(folder / "llm.json")!r}, "w"))
+        self.record = dict(model=model, options=options)
 
-    def generate(self, prompts):
+    def generate(self, prompts, params=None):
+        import pickle, torch
+        processor = pickle.loads(pickle.dumps(params.logits_processor))  # as the executor receives it
+        logits = torch.zeros(1, 1, processor.tokens["vocab"])
+        processor(7, logits, [[processor.tokens["open"]]], None, None)  # a prompt left inside reasoning
+        self.record.update(processor=type(processor).__module__ + "." + type(processor).__name__,
+                           open_masked=bool(torch.isinf(logits[0, 0, processor.tokens["open"]])))
+        json.dump(self.record, open({str(folder / "llm.json")!r}, "w"))
         return [_Result() for _ in prompts]
 ''')
     bin_dir = folder / "bin"
     bin_dir.mkdir()
     (bin_dir / "trtllm-serve").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "trtllm-serve").chmod(0o755)
-    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")  # this venv's, torch and all
+    (bin_dir / "python3").chmod(0o755)
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                 PYTHONPATH=f"{folder}{os.pathsep}{ROOT}")
 
@@ -125,9 +137,9 @@ def test_build_prints_the_commands_without_tensorrt_llm_and_runs_them_with_it(bu
     assert missing.returncode == 3
     assert "needs TensorRT-LLM (the tensorrt_llm module and trtllm-serve), which is not installed here" in missing.stderr
     assert "pypi.nvidia.com" in missing.stderr
-    assert "from tensorrt_llm import LLM" in missing.stderr and "sh serve.sh" in missing.stderr
+    assert "from tensorrt_llm import LLM, SamplingParams" in missing.stderr and "sh serve.sh" in missing.stderr
     dry = subprocess.run([*nanokit, "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
-    assert dry.returncode == 0 and "from tensorrt_llm import LLM" in dry.stdout
+    assert dry.returncode == 0 and "from tensorrt_llm import LLM, SamplingParams" in dry.stdout
 
     ran = subprocess.run(nanokit, capture_output=True, text=True, env=_fake_tensorrt_llm(tmp_path), timeout=300)
     assert ran.returncode == 0, ran.stderr
@@ -135,6 +147,8 @@ def test_build_prints_the_commands_without_tensorrt_llm_and_runs_them_with_it(bu
     call = json.loads((tmp_path / "llm.json").read_text())
     assert call["model"] == "checkpoint"
     assert call["options"] == yaml.safe_load((bundle / "llm_options.yaml").read_text())
+    # the check generates through the bundle's own budget processor, unpickled as the executor would
+    assert call["processor"] == "nanokit_budget.ThinkingBudget" and call["open_masked"]
 
 
 def test_build_refuses_a_bundle_changed_since_export(bundle, tmp_path, capsys):
@@ -207,7 +221,7 @@ def test_force_replaces_and_a_failed_export_leaves_nothing(tiny, tmp_path, monke
     def broken(path):
         raise ValueError("disk full (simulated)")
 
-    monkeypatch.setattr(export.trtllm, "_complete_config_for_trtllm", broken)
+    monkeypatch.setattr(export.trtllm, "prepare_for_trtllm", broken)
     assert main([*args[:-1], str(tmp_path / "c")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no partial bundle, no temporary folder
 

@@ -58,7 +58,13 @@ TORCH_LLM_ARGS = {
 # trtllm-serve flags spelled the same in 1.0 and on main.
 SERVE_FLAGS = {"--host", "--port", "--backend", "--max_batch_size", "--max_num_tokens", "--max_seq_len", "--tp_size",
                "--pp_size", "--kv_cache_free_gpu_memory_fraction", "--extra_llm_api_options", "--trust_remote_code",
-               "--tokenizer", "--reasoning_parser"}
+               "--tokenizer", "--reasoning_parser", "--custom_module_dirs"}
+# --reasoning_parser is a click.Choice over the parsers registered in tensorrt_llm/llmapi/reasoning_parser.py;
+# in the 1.2 line: "deepseek-r1", "qwen3" (both DeepSeekR1Parser, reasoning at the start or after a <think>)
+# and "nano-v3" (NemotronV3ReasoningParser: reasoning at the start unless chat_template_kwargs.enable_thinking
+# is false). --custom_module_dirs imports each folder as a package, its parent put on sys.path
+# (tensorrt_llm/tools/importlib_utils.py, import_custom_module_from_dir).
+REASONING_PARSERS = {"deepseek-r1", "qwen3", "nano-v3"}
 
 
 # trtllm-build flags (tensorrt_llm/commands/build.py and its plugin arguments).
