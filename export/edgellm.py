@@ -42,6 +42,7 @@ from nano.memory import (ARCHITECTURES, GIB, JETSON_PRECISIONS, TARGETS, format_
                          parameter_count)
 
 from .bundle import write_manifest
+from .trtllm import checkpoint_folder
 
 KIND = "tensorrt-edge-llm"
 EXPORTER = "tensorrt-edgellm-export"
@@ -76,13 +77,6 @@ def find_tool(name: str, exporter: str | Path | None = None) -> Path:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     raise ValueError(f"{name} (TensorRT Edge-LLM) is not installed here; {INSTALL.split('; on the board')[0]}")
-
-
-def checkpoint_folder(model: str | Path) -> Path:
-    """The checkpoint folder: `model` itself, or a shipped checkpoint's ("nano-tiny")."""
-    from nano.checkpoint import resolve
-
-    return resolve(model)
 
 
 def read_config(model: str | Path) -> dict:

@@ -49,8 +49,15 @@ INSTALL = ("pip install tensorrt_llm --extra-index-url https://pypi.nvidia.com  
            "(Linux x86-64 or SBSA with CUDA; see https://nvidia.github.io/TensorRT-LLM/installation/)")
 
 
+def checkpoint_folder(model: str | Path) -> Path:
+    """The checkpoint folder: `model` itself, or a shipped checkpoint's ("nano-tiny")."""
+    from nano.checkpoint import resolve
+
+    return resolve(model)
+
+
 def read_config(model: str | Path) -> dict:
-    path = Path(model) / "config.json"
+    path = checkpoint_folder(model) / "config.json"
     if not path.exists():
         raise ValueError(f"{model}: no config.json; --model is a Hugging Face checkpoint folder")
     config = json.loads(path.read_text())
@@ -176,6 +183,7 @@ def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 1
     import nano
     from nano.checkpoint import write_checkpoint
 
+    model = checkpoint_folder(model)
     config = read_config(model)
     found = size(config, gpu, context, batch, quant, recipe, tp)
     if family(config) == "decilm":

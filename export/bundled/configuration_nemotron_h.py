@@ -10,7 +10,7 @@ class): the layer layout as `hybrid_override_pattern` (one letter a layer: M Mam
 - MLP, E MoE) with `layers_block_type` derived from it, the Mamba mixer's sizes, attention's and the
 MLP's. transformers 5 writes the layout as `layers_block_type` alone and infinity as
 `{"__float__": "Infinity"}`; both are read here. `rms_norm_eps` is the norms' epsilon under the name
-TensorRT-LLM's layers read, kept equal to `layer_norm_epsilon`.
+TensorRT-LLM's layers read (and assign: it is a plain attribute), `layer_norm_epsilon` unless given.
 """
 
 import math
@@ -54,7 +54,7 @@ class _NemotronHConfig(PretrainedConfig):
             if old in kwargs:
                 kwargs.setdefault(new, kwargs.pop(old))
         block_types = kwargs.pop("layers_block_type", None) or kwargs.pop("layer_types", None)
-        kwargs.pop("rms_norm_eps", None)  # the same number as layer_norm_epsilon, read through the property
+        rms_norm_eps = kwargs.pop("rms_norm_eps", None)
         if hybrid_override_pattern is None:
             hybrid_override_pattern = (_DEFAULT_PATTERN if block_types is None
                                        else "".join(_LETTER_OF_KIND[kind] for kind in block_types))
@@ -71,14 +71,11 @@ class _NemotronHConfig(PretrainedConfig):
             fields["num_key_value_heads"] = fields["num_attention_heads"]
         for name, value in fields.items():
             setattr(self, name, value)
+        self.rms_norm_eps = fields["layer_norm_epsilon"] if rms_norm_eps is None else rms_norm_eps
         self.hybrid_override_pattern = hybrid_override_pattern
         self.num_hidden_layers = len(hybrid_override_pattern)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
-
-    @property
-    def rms_norm_eps(self):
-        return self.layer_norm_epsilon
 
     @property
     def layers_block_type(self):
