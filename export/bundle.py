@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -43,8 +44,8 @@ def write_manifest(folder: Path, kind: str, **fields) -> dict:
     """Hash every file under `folder` and write the manifest beside them."""
     from nano import __version__
 
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {str(p.relative_to(folder)): _entry(p) for p in sorted(folder.rglob("*"))
+             if (p.is_file() or p.is_symlink()) and p.name != MANIFEST}
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -57,6 +58,13 @@ def write_manifest(folder: Path, kind: str, **fields) -> dict:
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _entry(path: Path) -> dict:
+    # A link (to a source checkpoint's weights, which the bundle does not copy) is recorded, not hashed.
+    if path.is_symlink():
+        return {"link": os.readlink(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
 def read_manifest(folder: str | Path, verify: bool = True) -> dict:
@@ -72,6 +80,11 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     if verify:
         for name, entry in manifest["files"].items():
             file = folder / name
+            if "link" in entry:
+                if not file.exists():
+                    raise ValueError(f"{folder}: {name} links to {entry['link']}, which does not exist here "
+                                     f"(copy the bundle with its links followed, or set MODEL_DIR)")
+                continue
             if not file.exists():
                 raise ValueError(f"{folder}: {name} is listed in the manifest but missing")
             if file.stat().st_size != entry["bytes"] or sha256(file) != entry["sha256"]:

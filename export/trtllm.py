@@ -98,7 +98,7 @@ def size(config: dict, gpu: str, context: int, batch: int | None, quant: str | N
     return found
 
 
-def llm_options(plan, tp: int = 1, hybrid: bool = True) -> dict:
+def llm_options(plan, tp: int = 1, hybrid: bool = True, budget: bool = True) -> dict:
     """TensorRT-LLM's options for a plan: sizes for exactly what the planner allowed. For a hybrid, no
     prefix reuse and an fp32 Mamba state; a DeciLM is read through its own modeling file."""
     kv_free = plan.usable - (plan.total - plan.kv_cache)  # memory left for the KV cache after the rest is loaded
@@ -107,6 +107,7 @@ def llm_options(plan, tp: int = 1, hybrid: bool = True) -> dict:
         return {
             **({"tensor_parallel_size": tp} if tp > 1 else {}),
             "trust_remote_code": True,
+            **({"disable_overlap_scheduler": True} if budget else {}),
             "max_seq_len": plan.context,
             "max_batch_size": plan.batch,
             "max_num_tokens": min(8192, plan.context * plan.batch),
@@ -288,19 +289,52 @@ ENGINE_SERVE_SH = """#!/bin/sh
 # Serves the built engine (after build.sh) on HOST:PORT (default 127.0.0.1:8000) over {tp} GPUs.
 set -eu
 cd "$(dirname "$0")"
-exec trtllm-serve engine --backend tensorrt --tokenizer tokenizer --tp_size {tp} --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" "$@"
+exec trtllm-serve engine --backend tensorrt --tokenizer tokenizer --tp_size {tp} --reasoning_parser qwen3 --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" "$@"
 """
 
 PYTORCH_SERVE_SH = """#!/bin/sh
 # {title}
-# Or, without building: TensorRT-LLM's PyTorch backend on the Hugging Face checkpoint (MODEL_DIR, by default the
-# folder this bundle was exported from), which reads the model through its own modeling file.
+# Or, without building: TensorRT-LLM's PyTorch backend on the Hugging Face checkpoint: pytorch_checkpoint/ holds
+# its config (with this project's configuration code), the tokenizer, and links to the source's weights
+# (MODEL_DIR for another copy). Reasoning comes back in reasoning_content (the qwen3 parser).
 set -eu
 cd "$(dirname "$0")"
-exec trtllm-serve "${{MODEL_DIR:-{source}}}" --backend pytorch --tp_size {tp} --trust_remote_code --extra_llm_api_options llm_options.yaml --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" "$@"
+export PYTHONPATH="$PWD${{PYTHONPATH:+:$PYTHONPATH}}"
+exec trtllm-serve "${{MODEL_DIR:-pytorch_checkpoint}}" --backend pytorch --tp_size {tp} --trust_remote_code --reasoning_parser qwen3{hook} --extra_llm_api_options llm_options.yaml --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" "$@"
 """
 
 ENGINE_KIND = "tensorrt-llm-engine"
+DECILM_CONFIG_CODE = "configuration_decilm.py"
+
+
+def _hf_folder_for_pytorch(source: Path, config: dict, bundle: Path) -> bool:
+    """pytorch_checkpoint/: what TensorRT-LLM's PyTorch backend reads of a DeciLM, without copying its
+    weights. transformers has no DeciLM at all, and the backend reads each block config by attribute:
+    the config gets this project's configuration code in `auto_map`; the weights are links to the
+    source's files. With single-token think tags, the thinking-budget packages too; returns whether."""
+    from transformers import PreTrainedTokenizerFast
+
+    from nano.chat import ChatError, ChatFormat
+    from nano.checkpoint import INDEX_FILE, SINGLE_FILE, portable_tokenizer
+
+    folder = bundle / "pytorch_checkpoint"
+    copy_tokenizer(source, folder)
+    portable_tokenizer(folder)
+    shutil.copyfile(BUNDLED / DECILM_CONFIG_CODE, folder / DECILM_CONFIG_CODE)
+    (folder / "config.json").write_text(json.dumps(
+        dict(config, auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"}), indent=2) + "\n")
+    weights = [source / INDEX_FILE] if (source / INDEX_FILE).exists() else []
+    weights += sorted(source.glob("*.safetensors")) or [source / SINGLE_FILE]
+    for file in weights:
+        (folder / file.name).symlink_to(file.resolve())
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+        eos = config.get("eos_token_id")
+        chat = ChatFormat(tokenizer, [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id], style="ultra")
+    except ChatError:  # no single-token <think> and </think>: no budget to control
+        return False
+    write_budget_packages(bundle, chat, config["vocab_size"])
+    return True
 
 
 def build_command(plan, tp: int) -> list[str]:
@@ -313,6 +347,7 @@ def build_command(plan, tp: int) -> list[str]:
 def export_decilm(model, out, gpu: str, context: int, found, config: dict, tp: int, force: bool, progress: bool) -> dict:
     """A Llama-Nemotron NAS bundle: the TensorRT-LLM checkpoint split over `tp` ranks for trtllm-build,
     the tokenizer, build and serve scripts, and the PyTorch backend's options for the same sizes."""
+    from nano.checkpoint import portable_tokenizer
     from nano.decilm import DeciConfig
 
     from .trtllm_checkpoint import write_trtllm_checkpoint
@@ -328,13 +363,16 @@ def export_decilm(model, out, gpu: str, context: int, found, config: dict, tp: i
         (tmp / "trtllm_checkpoint").mkdir()
         write_trtllm_checkpoint(source, tmp / "trtllm_checkpoint", deci, config, tp, "bfloat16", progress)
         copy_tokenizer(source, tmp / "tokenizer")
-        options = llm_options(plan, tp, hybrid=False)
+        portable_tokenizer(tmp / "tokenizer")
+        budget = _hf_folder_for_pytorch(source, config, tmp)
+        options = llm_options(plan, tp, hybrid=False, budget=budget)
         header = (f"{title}\nFor the PyTorch backend (serve_pytorch.sh, or tensorrt_llm.LLM(model, **options)); "
                   f"the engine path is build.sh then serve.sh.")
         (tmp / "llm_options.yaml").write_text(options_yaml(options, header))
         scripts = {"build.sh": BUILD_SH.format(title=title, command=" ".join(build_command(plan, tp))),
                    "serve.sh": ENGINE_SERVE_SH.format(title=title, tp=tp),
-                   "serve_pytorch.sh": PYTORCH_SERVE_SH.format(title=title, tp=tp, source=source)}
+                   "serve_pytorch.sh": PYTORCH_SERVE_SH.format(title=title, tp=tp, hook=(
+                       f" --custom_module_dirs {HOOK_PACKAGE}" if budget else ""))}
         for name, text in scripts.items():
             (tmp / name).write_text(text)
             (tmp / name).chmod(0o755)

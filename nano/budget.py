@@ -15,8 +15,8 @@ The rule, per row of a batch (the `budget` argument of `nano.generate`):
   (an answer, a tool call).
 
 Everything lives on the model's device and no value is read back to the host, so the decode loop
-can run ahead of the CPU and the step can be captured in a CUDA graph. The pure-Python twin that
-this must match token for token is `tests/budget_spec.py`.
+can run ahead of the CPU and the step can be captured in a CUDA graph. `BudgetRow`, at the end, is
+the same rule for one row in plain Python, which this must match token for token.
 
 This file needs nothing but torch on the CPU: TensorRT-LLM bundles carry it verbatim, as the rule
 their logits processor runs (`export/trtllm_budget/`).
@@ -151,3 +151,78 @@ def _advance(sampled, force, count, thinking, done, hit, generated, budget, limi
     generated += live
     done |= is_end | (generated >= max_new)
     return token, kind
+
+
+class BudgetRow:
+    """The rule for one row in plain Python, one branch per case: the obvious twin of
+    `BudgetController` (the property tests hold the two equal token for token), and the form a host-side
+    engine runs per request (TensorRT-LLM's logits processor, `export/bundled/budget_processor.py`),
+    where a few Python branches cost microseconds and a dozen tensor operations cost hundreds.
+
+    `line_end` is a set of ids; `step(token)` takes the sampled token (already restricted by
+    `allowed`) and returns what is emitted and its kind."""
+
+    def __init__(self, think, line_end: set[int], budget, grace, thinking: bool, max_new: int):
+        self.open, self.close = think.open, think.close
+        self.close_sequence = list(think.close_sequence)
+        self.eos = set(think.eos)
+        self.pad = think.eos[0]  # what a finished row feeds the model
+        self.line_end = line_end
+        self.budget = budget
+        self.grace = 0 if budget is None else (default_grace(budget) if grace is None else grace)
+        self.thinking = thinking
+        self.max_new = max_new
+        self.count = 0  # reasoning tokens so far
+        self.generated = 0
+        self.done = max_new <= 0
+        self.hit = False
+        self.forced: list[int] = []  # tokens still to force, in order
+        if thinking and self._spent():
+            self._force_close()
+
+    def _spent(self) -> bool:
+        return self.budget is not None and self.count >= self.budget
+
+    def _force_close(self) -> None:
+        self.forced = list(self.close_sequence)
+        self.hit = True
+
+    def allowed(self, token: int) -> bool:
+        """Tags alternate: no `<think>` inside reasoning, no `</think>` outside it."""
+        if self.thinking:
+            return token != self.open
+        return token != self.close
+
+    def step(self, proposed: int) -> tuple[int, int]:
+        """The model proposes a token (already restricted by `allowed`); return (token, kind)."""
+        if self.done:
+            return self.pad, PAD
+        self.generated += 1
+        if self.forced:
+            token = self.forced.pop(0)
+            if token == self.close:
+                self.thinking = False
+            kind = CONTROL
+        elif proposed in self.eos:
+            token, kind = proposed, END
+            self.done = True
+        elif self.thinking and proposed == self.close:
+            token, kind = proposed, CONTROL
+            self.thinking = False
+        elif not self.thinking and proposed == self.open:
+            token, kind = proposed, CONTROL
+            self.thinking = True
+            if self._spent():
+                self._force_close()
+        elif self.thinking:
+            token, kind = proposed, REASONING
+            self.count += 1
+            if self._spent():
+                ends_line = proposed in self.line_end
+                if ends_line or self.count >= self.budget + self.grace:
+                    self._force_close()
+        else:
+            token, kind = proposed, ANSWER
+        if self.generated >= self.max_new:
+            self.done = True
+        return token, kind

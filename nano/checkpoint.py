@@ -122,7 +122,12 @@ def complete_checkpoint(folder: str | os.PathLike) -> None:
         completed = with_layer_fields(config, str(config_path))
         if completed != config:
             config_path.write_text(json.dumps(completed, indent=2) + "\n")
-    tokenizer_path = folder / "tokenizer_config.json"
+    portable_tokenizer(folder)
+
+
+def portable_tokenizer(folder: str | os.PathLike) -> None:
+    """Give the tokenizer in `folder` a class name that transformers 4 and 5 both know."""
+    tokenizer_path = Path(folder) / "tokenizer_config.json"
     if tokenizer_path.exists():
         settings = _read_json(tokenizer_path)
         if settings.get("tokenizer_class") in _TOKENIZER_CLASSES:

@@ -203,3 +203,42 @@ def test_the_decilm_engine_checkpoint_is_what_trtllm_build_reads(tmp_path):
     with safe_open(str(bundle / "trtllm_checkpoint" / "rank1.safetensors"), "pt") as f:
         for name in f.keys():
             assert name in allowed or (name.startswith("transformer.layers.") and name.split(".", 3)[3] in layer_parts), name
+
+
+def test_the_decilm_pytorch_folder_reads_in_transformers_4(transformers4, tmp_path):
+    import nano
+    from nano.tiny import build_tiny_decilm_checkpoint
+
+    source = build_tiny_decilm_checkpoint(tmp_path / "deci")
+    bundle = tmp_path / "bundle"
+    assert main(["export", "trtllm", "--model", str(source), "--gpu", "h100", "--context", "1024", "--out", str(bundle)]) == 0
+    folder = bundle / "pytorch_checkpoint"
+    names = ["architectures", "block_configs", "num_attention_heads", "hidden_size", "vocab_size", "rms_norm_eps",
+             "torch_dtype", "max_position_embeddings", "rope_theta", "rope_scaling", "head_dim", "tie_word_embeddings",
+             "intermediate_size", "num_key_value_heads"]
+    assert {a["name"] for a in READS["decilm_hf"]["config_attributes"]} >= set(names)  # what 1.2.1 reads
+    report = probe(transformers4, folder, names)
+    read = report["configs"]["True"]  # TensorRT-LLM always trusts remote code; there is no stand-in for DeciLM
+    assert "error" not in read, read.get("error")
+    assert read["class"].endswith("configuration_decilm.DeciLMConfig") and not read["missing"]
+    raw = json.loads((source / "config.json").read_text())
+    values = read["values"]
+    for name in ("hidden_size", "num_attention_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+                 "rope_theta", "head_dim", "tie_word_embeddings", "rope_scaling", "architectures"):
+        assert values[name] == raw[name], name
+    assert values["intermediate_size"] is None and values["num_key_value_heads"] is None  # per layer, as NVIDIA's
+    for block, given in zip(values["block_configs"], raw["block_configs"], strict=True):
+        for part in ("attention", "ffn"):
+            fields = {"attention": ("no_op", "replace_with_linear", "n_heads_in_group"),
+                      "ffn": ("no_op", "replace_with_linear", "ffn_mult")}[part]
+            for field in fields:
+                assert block[part][field] == given[part].get(field, False if field in ("no_op", "replace_with_linear") else None)
+    assert "error" not in report["tokenizer"] and report["tokenizer"]["class"] == "PreTrainedTokenizerFast"
+    # The weights are the source's, linked: the folder loads and generates what the source does.
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["files"]["pytorch_checkpoint/model.safetensors"] == {"link": str((source / "model.safetensors").resolve())}
+    a, b = nano.load(folder, device="cpu"), nano.load(source, device="cpu")
+    assert nano.generate(a, "Hi", max_new_tokens=8).token_ids == nano.generate(b, "Hi", max_new_tokens=8).token_ids
+    serve = (bundle / "serve_pytorch.sh").read_text()
+    assert "--reasoning_parser qwen3 --custom_module_dirs nanokit_serve_hook" in serve
+    assert (bundle / "nanokit_budget" / "rule.py").exists()

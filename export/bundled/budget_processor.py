@@ -1,9 +1,10 @@
 """The thinking budget on TensorRT-LLM: nanokit's rule as a logits processor of its LLM API.
 
 `rule.py` beside this file is nanokit's `nano/budget.py`, copied verbatim when the bundle was
-written; `tokens.json` holds the ids the rule needs (the think tags, the close sequence, the end
-tokens, the tokens that end a line), read from the model's tokenizer at export. Only torch is
-needed here.
+written; each request runs its `BudgetRow` (the rule for one row in plain Python, held equal to the
+tensor controller `nano.generate` runs by nanokit's tests). `tokens.json` holds the ids the rule
+needs (the think tags, the close sequence, the end tokens, the tokens that end a line), read from
+the model's tokenizer at export. Only torch is needed here.
 
     from tensorrt_llm import LLM, SamplingParams
     from nanokit_budget import ThinkingBudget
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .rule import NO_LIMIT, BudgetController, ThinkTokens
+from .rule import NO_LIMIT, BudgetRow, ThinkTokens
 
 TOKENS = Path(__file__).with_name("tokens.json")
 
@@ -60,13 +61,14 @@ class ThinkingBudget(_Interface):
         if not isinstance(tokens, dict):
             tokens = json.loads(Path(tokens or TOKENS).read_text())
         self.tokens = tokens
+        self.line_end, self.blank = set(tokens["line_end"]), set(tokens["blank"])
         self._requests: dict[int, _Request] = {}
 
     def __call__(self, req_id, logits, token_ids, stream_ptr=None, client_id=None) -> None:
         ids = token_ids[0]  # beam 0: the only beam a budget makes sense for
         request = self._requests.get(req_id)
         if request is None:
-            request = self._requests[req_id] = _Request(self, ids, logits.shape[-1])
+            request = self._requests[req_id] = _Request(self, ids)
         request.catch_up(ids)
         request.mask(logits)
 
@@ -78,8 +80,7 @@ class ThinkingBudget(_Interface):
         request = self._requests[req_id]
         if token_ids is not None:
             request.catch_up(list(token_ids))
-        c = request.controller
-        return {"reasoning_tokens": int(c.count[0]), "budget_hit": bool(c.hit[0]), "kinds": list(request.kinds)}
+        return {"reasoning_tokens": request.row.count, "budget_hit": request.row.hit, "kinds": list(request.kinds)}
 
     def forget(self, req_id) -> None:
         self._requests.pop(req_id, None)
@@ -88,49 +89,38 @@ class ThinkingBudget(_Interface):
 class _Request:
     """The rule's state for one request, started from its prompt."""
 
-    def __init__(self, owner: ThinkingBudget, prompt: list[int], vocab: int):
+    def __init__(self, owner: ThinkingBudget, prompt: list[int]):
         t = owner.tokens
         think = ThinkTokens(t["open"], t["close"], tuple(t["close_sequence"]), tuple(t["eos"]))
         tags = [at for at, i in enumerate(prompt) if i in (think.open, think.close)]
         thinking = bool(tags) and prompt[tags[-1]] == think.open
         # A template that switched reasoning off ends its prompt with the empty block's `</think>`
         # (then blanks at most); as in nano.generate, a block the model opens anyway is closed at once.
-        off = bool(tags) and not thinking and all(i in t["blank"] for i in prompt[tags[-1] + 1:])
+        off = bool(tags) and not thinking and all(i in owner.blank for i in prompt[tags[-1] + 1:])
         budget = 0 if off else owner.budget
-        self.controller = BudgetController(think, torch.tensor(t["line_end"], dtype=torch.long), max(vocab, t["vocab"]),
-                                           [budget], [owner.grace], [thinking], [NO_LIMIT])
+        self.row = BudgetRow(think, owner.line_end, budget, owner.grace, thinking, NO_LIMIT)
         self.seen = len(prompt)
         self.kinds: list[int] = []
 
     def catch_up(self, ids: list[int]) -> None:
         for token in ids[self.seen:]:
-            emitted, kind = self.controller.advance(torch.tensor([token]))
-            if int(emitted[0]) != token:
+            emitted, kind = self.row.step(token)
+            if emitted != token:
                 raise RuntimeError(
-                    f"the thinking budget forced token {int(emitted[0])} but the request continued with {token}: "
+                    f"the thinking budget forced token {emitted} but the request continued with {token}: "
                     f"the ids reached the processor late (set disable_overlap_scheduler: true in the LLM options) "
                     f"or another processor changed the choice")
-            self.kinds.append(int(kind[0]))
+            self.kinds.append(kind)
         self.seen = max(self.seen, len(ids))
 
     def mask(self, logits: torch.Tensor) -> None:
-        c = self.controller
-        if bool(c.done[0]):
+        row = self.row
+        if row.done:
             return
-        force = int(c.force[0])
-        if force >= 0:
-            forced = int(c.close_sequence[force])
+        if row.forced:
             logits.fill_(float("-inf"))
-            logits[..., forced] = 0.0
-        elif bool(c.thinking[0]):
-            logits[..., c.open_id] = float("-inf")
+            logits[..., row.forced[0]] = 0.0
+        elif row.thinking:
+            logits[..., row.open] = float("-inf")
         else:
-            logits[..., c.close_id] = float("-inf")
-
-
-try:  # TensorRT-LLM unpickles processors in its workers from a list of approved classes
-    from tensorrt_llm.executor.serialization import register_approved_ipc_class
-except Exception:
-    register_approved_ipc_class = None
-if register_approved_ipc_class is not None:
-    register_approved_ipc_class(ThinkingBudget)
+            logits[..., row.close] = float("-inf")
