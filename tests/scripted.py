@@ -131,9 +131,10 @@ class TrtllmScripted(ScriptedModel):
     think=False sends reasoning off); the processor is handed the user's budget and finds the rest
     in the prompt's ids."""
 
-    def __init__(self, *scripts: Script, prefill_chunks: int = 2, overlap: bool = False, **kwargs):
+    def __init__(self, *scripts: Script, prefill_chunks: int = 2, overlap: bool = False, logits_device: str = "cpu",
+                 **kwargs):
         super().__init__(*scripts, **kwargs)
-        self.prefill_chunks, self.overlap = prefill_chunks, overlap
+        self.prefill_chunks, self.overlap, self.logits_device = prefill_chunks, overlap, logits_device
         self.engine = None
 
     def generate(self, prompt="Q?", budget=None, grace=None, think=True, max_new_tokens=400):
@@ -152,7 +153,8 @@ class TrtllmScripted(ScriptedModel):
             logits[self.scripts[row % len(self.scripts)](generated)] = 10.0
             return logits
 
-        self.engine = engine = Engine(logits_of, self.config.vocab_size, self.prefill_chunks, self.overlap)
+        self.engine = engine = Engine(logits_of, self.config.vocab_size, self.prefill_chunks, self.overlap,
+                                      self.logits_device)
         requests = []
         for i, (p, b, g) in enumerate(zip(prompts, budgets, graces)):
             text, _ = self.chat.render(p, think=bool(think) and b != 0)

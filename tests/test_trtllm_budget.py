@@ -65,6 +65,15 @@ def test_one_processor_keeps_each_request_apart():
     assert processor.state(1)["budget_hit"] and not processor.state(2)["budget_hit"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: TensorRT-LLM hands the processor CUDA logits")
+def test_the_processor_on_cuda_logits_gives_what_nano_generate_gives():
+    scripts = [thinker(100, newlines=[N + 1]), thinker(4, answer_len=30), sequence([A, A, CLOSE, NL, B, OPEN, A, A])]
+    for script in scripts:
+        for budget, grace in [(N, G), (0, None), (None, None), (3, 0)]:
+            on_gpu = TrtllmScripted(script, logits_device="cuda").generate(budget=budget, grace=grace)
+            assert on_gpu == ScriptedModel(script).generate(budget=budget, grace=grace)
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, "ten", True])
 def test_bad_budgets_are_refused_by_name(value):
     ThinkingBudget = bundled_budget().ThinkingBudget

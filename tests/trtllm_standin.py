@@ -47,9 +47,9 @@ class Request:
 class Engine:
     """Runs requests to the end, calling their processors as TensorRT-LLM 1.2.1 does."""
 
-    def __init__(self, logits_of, vocab: int, prefill_chunks: int = 1, overlap: bool = False):
+    def __init__(self, logits_of, vocab: int, prefill_chunks: int = 1, overlap: bool = False, device: str = "cpu"):
         self.logits_of = logits_of  # (request index, generated ids) -> a logits row (vocab,)
-        self.vocab, self.prefill_chunks, self.overlap = vocab, prefill_chunks, overlap
+        self.vocab, self.prefill_chunks, self.overlap, self.device = vocab, prefill_chunks, overlap, device
         self.calls: list[tuple[int, int, tuple]] = []  # (req_id, len(token_ids[0]), logits shape)
 
     def add(self, req_id: int, prompt: list[int], logits_processor, max_tokens: int, end_ids) -> Request:
@@ -71,12 +71,12 @@ class Engine:
         index = {id(r): i for i, r in enumerate(requests)}
         # Context phase: earlier prefill chunks are processed and their rows thrown away.
         for _ in range(self.prefill_chunks - 1):
-            scratch = torch.stack([self.logits_of(index[id(r)], []) for r in requests]).float()
+            scratch = torch.stack([self.logits_of(index[id(r)], []) for r in requests]).float().to(self.device)
             self._process(requests, scratch, [[] for _ in requests])
         live = list(requests)
         first = True
         while live:
-            logits = torch.stack([self.logits_of(index[id(r)], r.generated) for r in live]).float()
+            logits = torch.stack([self.logits_of(index[id(r)], r.generated) for r in live]).float().to(self.device)
             lag = self.overlap and not first
             self._process(live, logits, [r.generated[:-1] if lag else r.generated for r in live])
             chosen = logits.argmax(dim=-1).tolist()
