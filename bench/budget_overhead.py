@@ -6,8 +6,8 @@ is added to: a decode step. On the CPU that step is the tiny checkpoint's refere
 on a GPU it is the bandwidth floor of a Nano-9B decode step (its 17.78 GB of bf16 weights read
 once at the device's measured copy bandwidth), the fastest any runtime could go.
 
-    python bench/budget_overhead.py --device cpu
-    python bench/budget_overhead.py --device cuda
+    python -m bench.budget_overhead --device cpu
+    python -m bench.budget_overhead --device cuda
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from record import write  # noqa: E402
+from bench.record import write
 
-from nano.budget import BudgetController  # noqa: E402
-from nano.chat import ChatFormat  # noqa: E402
-from nano.tiny import tiny_config, tiny_tokenizer  # noqa: E402
+from nano.budget import BudgetController
+from nano.chat import ChatFormat
+from nano.tiny import tiny_config, tiny_tokenizer
 
 VOCAB = 131072
 NANO_9B_WEIGHT_BYTES = 17.78e9  # 8.888B parameters in bf16 (shared/BRIEF.md)

@@ -1,7 +1,7 @@
 """Tensor-parallel DeciLM over NCCL: rank files of a tiny heterogeneous DeciLM, each rank's forward on its own GPU
 (tests/decilm_tp.py) with NCCL's all-reduce and all-gather, against the unsharded reference logits.
 
-    python bench/decilm_tp_nccl.py --gpus 2
+    python -m bench.decilm_tp_nccl --gpus 2
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from bench.record import write
+from export.trtllm_checkpoint import write_trtllm_checkpoint
+from nano.decilm_config import DeciConfig
+from nano.tiny import build_tiny_decilm_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path.insert(0, str(ROOT / "tests"))  # the reference twin and the block layout live with the tests
 
 from decilm_reference import reference_logits  # noqa: E402
-from record import write  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 from test_decilm_tp import TP_BLOCKS  # noqa: E402
-
-from export.trtllm_checkpoint import write_trtllm_checkpoint  # noqa: E402
-from nano.decilm import DeciConfig  # noqa: E402
-from nano.tiny import build_tiny_decilm_checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -6,9 +6,9 @@ optimizer steps of `--batch` sequences of `--seq-len` tokens. Reports tokens/s p
 FLOPs utilisation: (2 x teacher parameters + 6 x student parameters) x tokens/s over the GPUs'
 dense bf16 peak (the recomputation of activation checkpointing is not counted as useful work).
 
-    torchrun --nproc_per_node 2 bench/distill_throughput.py --steps 4
-    torchrun --nproc_per_node 2 bench/distill_throughput.py --batch 4 --variant micro=1 --variant micro=2,teacher=replicate
-    python bench/distill_throughput.py --shape-teacher tiny --shape-student tiny   # a CPU smoke run
+    torchrun --nproc_per_node 2 -m bench.distill_throughput --steps 4
+    torchrun --nproc_per_node 2 -m bench.distill_throughput --batch 4 --variant micro=1 --variant micro=2,teacher=replicate
+    python -m bench.distill_throughput --shape-teacher tiny --shape-student tiny   # a CPU smoke run
 """
 
 from __future__ import annotations
@@ -16,23 +16,19 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from record import write  # noqa: E402
+from bench.record import write
 
-from nano.memory import parameter_count  # noqa: E402
-from nano.shapes import shape_config  # noqa: E402
-from nano.tiny import tiny_config  # noqa: E402
-from prune.train import DistillConfig, distill  # noqa: E402
+from nano.memory import parameter_count
+from nano.shapes import shape_config
+from nano.tiny import tiny_config
+from prune.train import DistillConfig, distill
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per GPU (SXM)
 

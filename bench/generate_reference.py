@@ -4,28 +4,24 @@ The baseline the fast GPU runtime must beat, and the step that the budget contro
 a share of. Prefill is timed with one generated token; decode speed is the rest, over the tokens
 actually generated (a random model may end its turn early).
 
-    python bench/generate_reference.py --shape nano-9b-v2 --device cuda
-    python bench/generate_reference.py --shape tiny --device cpu
+    python -m bench.generate_reference --shape nano-9b-v2 --device cuda
+    python -m bench.generate_reference --shape tiny --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from budget_overhead import controller_step_seconds, sync  # noqa: E402
-from random_weights import random_model  # noqa: E402
-from record import write  # noqa: E402
+from bench.budget_overhead import controller_step_seconds, sync
+from bench.random_weights import random_model
+from bench.record import write
 
-import nano  # noqa: E402
-from nano.shapes import SHAPES  # noqa: E402
+import nano
+from nano.shapes import SHAPES
 
 
 def run(model, prompts, max_new_tokens, budget, device) -> tuple[float, int]:

@@ -3,7 +3,7 @@
 Loads the shipped model as a user would (`nano.load("nano-tiny")`), then answers the README's
 question and a set of fresh problems one at a time, timing each `nano.generate` call.
 
-    python bench/nano_tiny_latency.py --problems 30
+    python -m bench.nano_tiny_latency --problems 30
 """
 
 from __future__ import annotations
@@ -11,19 +11,15 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from record import write  # noqa: E402
+from bench.record import write
 
-import nano  # noqa: E402
-from nano.arithmetic import boxed, sample  # noqa: E402
+import nano
+from nano.arithmetic import boxed, sample
 
 README_QUESTION = "What is 347 + 58 * 6 - 12?"
 

@@ -3,7 +3,7 @@ greedy generation driven by onnxruntime, fp32 graphs against int4_awq graphs, on
 problems (reasoning on, no budget). Calibration: 64 of nano-tiny's own worked answers to other
 problems (prompt and response, as AWQ calibrates on in-distribution text).
 
-    python bench/onnx_int4_quality.py --problems 200
+    python -m bench.onnx_int4_quality --problems 200
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,15 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from record import write  # noqa: E402
+from bench.record import write
 
-import nano  # noqa: E402
-from export.onnx import export_onnx, onnx_sessions  # noqa: E402
-from nano.arithmetic import boxed, sample  # noqa: E402
-from nano.data import token_samples  # noqa: E402
+import nano
+from export.onnx import export_onnx, onnx_sessions
+from nano.arithmetic import boxed, sample
+from nano.data import token_samples
 
 
 def answer(sessions, prompt: list[int], eos: set[int], limit: int) -> list[int]:

@@ -2,27 +2,24 @@
 prefill and of 32 decode steps run by onnxruntime, and whether a 32-token greedy generation through
 onnxruntime equals the torch one; fp32 and fp16 graphs.
 
-    python bench/onnx_parity.py
+    python -m bench.onnx_parity
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from record import write  # noqa: E402
+from bench.record import write
 
-import nano  # noqa: E402
-from export.onnx import export_onnx, greedy, onnx_sessions  # noqa: E402
-from nano.reference import ReferenceDecoder  # noqa: E402
-from nano.tiny import build_tiny_checkpoint  # noqa: E402
+import nano
+from export.onnx import export_onnx, greedy, onnx_sessions
+from nano.reference import ReferenceDecoder
+from nano.tiny import build_tiny_checkpoint
 
 
 def main() -> None:

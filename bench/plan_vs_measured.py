@@ -7,26 +7,22 @@ same shape, context and batch. The planner's `overhead` is allocator slack that 
 does not count, so the comparison is with the planner's total less its overhead; the reserved
 figure (what the allocator took from the GPU) is recorded too.
 
-    python bench/plan_vs_measured.py --shape nano-9b-v2
+    python -m bench.plan_vs_measured --shape nano-9b-v2
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_weights import random_model  # noqa: E402
-from record import write  # noqa: E402
+from bench.random_weights import random_model
+from bench.record import write
 
-from nano.memory import GIB, plan  # noqa: E402
-from nano.runtime import HybridRuntime  # noqa: E402
-from nano.shapes import SHAPES  # noqa: E402
+from nano.memory import GIB, plan
+from nano.runtime import HybridRuntime
+from nano.shapes import SHAPES
 
 CASES = [(8192, 1), (32768, 1), (131072, 1), (8192, 8), (32768, 4), (4096, 32)]
 

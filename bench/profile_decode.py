@@ -4,27 +4,23 @@ Times the graphed step (what generation runs), then profiles the same step run e
 each kernel's GPU time (a graph replays the same kernels without the launch gaps), grouped into
 matrix multiplications, mamba-ssm's Triton kernels, attention, and the rest.
 
-    python bench/profile_decode.py --shape nano-9b-v2
+    python -m bench.profile_decode --shape nano-9b-v2
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_weights import random_model  # noqa: E402
-from record import write  # noqa: E402
-from runtime import timed  # noqa: E402
+from bench.random_weights import random_model
+from bench.record import write
+from bench.runtime import timed
 
-from nano.runtime import HybridRuntime  # noqa: E402
-from nano.shapes import SHAPES  # noqa: E402
+from nano.runtime import HybridRuntime
+from nano.shapes import SHAPES
 
 
 def category(name: str) -> str:

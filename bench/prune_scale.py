@@ -7,30 +7,26 @@ Times each stage and records its peak GPU memory:
 - slicing: cutting the 12B to the 9B preset's sizes (the layers dropped are the published 9B's,
   when the layer stage is not run in the same process).
 
-    python bench/prune_scale.py --stages importance slicing
-    python bench/prune_scale.py --stages layers
+    python -m bench.prune_scale --stages importance slicing
+    python -m bench.prune_scale --stages layers
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_weights import random_model  # noqa: E402
-from record import write  # noqa: E402
+from bench.random_weights import random_model
+from bench.record import write
 
-from nano.memory import GIB, parameter_count  # noqa: E402
-from nano.shapes import NANO_9B_V2  # noqa: E402
-from prune.importance import rank_layers, width_importance  # noqa: E402
-from prune.slicing import slice_model  # noqa: E402
-from prune.targets import preset  # noqa: E402
+from nano.memory import GIB, parameter_count
+from nano.shapes import NANO_9B_V2
+from prune.importance import rank_layers, width_importance
+from prune.slicing import slice_model
+from prune.targets import preset
 
 
 def published_drop(teacher: str, pruned: str) -> tuple[int, ...]:

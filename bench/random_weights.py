@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nano  # noqa: E402
-from nano.chat import ChatFormat  # noqa: E402
-from nano.shapes import shape_config  # noqa: E402
-from nano.tiny import tiny_config, tiny_tokenizer  # noqa: E402
+import nano
+from nano.chat import ChatFormat
+from nano.shapes import shape_config
+from nano.tiny import tiny_config, tiny_tokenizer
 
 
 def random_model(shape: str, device, dtype: torch.dtype = torch.bfloat16, endless: bool = False) -> nano.Model:

@@ -10,29 +10,25 @@ Measures, in one run (each part reports an error instead of stopping the rest):
   capped at 22 GiB (`torch.cuda.set_per_process_memory_fraction`), standing in for an A10G;
   run it as its own process, since the cap holds for the whole process.
 
-    python bench/runtime.py --shape nano-9b-v2
-    python bench/runtime.py --shape nano-9b-v2 --memory-cap-gib 22
+    python -m bench.runtime --shape nano-9b-v2
+    python -m bench.runtime --shape nano-9b-v2 --memory-cap-gib 22
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from budget_overhead import copy_bandwidth  # noqa: E402
-from random_weights import random_model  # noqa: E402
-from record import write  # noqa: E402
+from bench.budget_overhead import copy_bandwidth
+from bench.random_weights import random_model
+from bench.record import write
 
-import nano  # noqa: E402
-from nano.runtime import HybridRuntime  # noqa: E402
-from nano.shapes import SHAPES  # noqa: E402
+import nano
+from nano.runtime import HybridRuntime
+from nano.shapes import SHAPES
 
 GIB = 2**30
 

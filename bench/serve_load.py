@@ -6,7 +6,7 @@ is an arithmetic question whose greedy answer is known beforehand (from `nano.ge
 response mixed up with another's is caught. Reports requests, errors, mix-ups, latency percentiles
 (time to first token and to the end), tokens/s over all clients, and the batches the server ran.
 
-    python bench/serve_load.py --clients 8 --seconds 60
+    python -m bench.serve_load --clients 8 --seconds 60
 """
 
 from __future__ import annotations
@@ -14,18 +14,14 @@ from __future__ import annotations
 import argparse
 import random
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from record import write  # noqa: E402
+from bench.record import write
 
-import nano  # noqa: E402
-from nano.arithmetic import sample  # noqa: E402
+import nano
+from nano.arithmetic import sample
 
 
 def percentile(values: list[float], q: float) -> float:

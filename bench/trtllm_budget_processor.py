@@ -7,7 +7,7 @@ request, in each phase of a response: reasoning (the rule advances, one tag is b
 close (every logit but one set to -inf), and the answer; beside a Nano-9B decode step at the
 device's bandwidth floor (its 17.78 GB of bf16 weights read once), the fastest any engine goes.
 
-    python bench/trtllm_budget_processor.py --device cuda
+    python -m bench.trtllm_budget_processor --device cuda
 """
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from budget_overhead import NANO_9B_WEIGHT_BYTES, VOCAB, copy_bandwidth, sync  # noqa: E402
-from record import write  # noqa: E402
+from bench.budget_overhead import NANO_9B_WEIGHT_BYTES, VOCAB, copy_bandwidth, sync
+from bench.record import write
 
-from export.trtllm_budget import PROCESSOR_PACKAGE, write_budget_packages  # noqa: E402
-from nano.chat import ChatFormat  # noqa: E402
-from nano.tiny import tiny_config, tiny_tokenizer  # noqa: E402
+from export.trtllm_budget import PROCESSOR_PACKAGE, write_budget_packages
+from nano.chat import ChatFormat
+from nano.tiny import tiny_config, tiny_tokenizer
 
 
 def processor_class():

@@ -1,6 +1,9 @@
-"""Deployment exports: bundles sized by the memory planner.
+"""Deployment exports: bundles sized by the memory planner, each with a manifest (`export.bundle`).
 
-`export.trtllm` writes a TensorRT-LLM (PyTorch backend) bundle, `export.quantize` quantizes through
-nvidia-modelopt with the exclusions hybrid models need, `export.bundle` holds the manifest, and
-`export.cli` is `nanokit export` and `nanokit build`.
+`export.trtllm` writes TensorRT-LLM bundles (the PyTorch backend's Hugging Face checkpoint; the
+DeciLM family's rank files for `trtllm-build` in `export.trtllm_checkpoint`; the thinking-budget
+packages in `export.trtllm_budget`) and `export.quantize` quantizes them through nvidia-modelopt;
+`export.edgellm` runs TensorRT Edge-LLM's own exporter for Jetson; `export.onnx` writes standard-ONNX
+prefill and decode graphs (`export.onnx_model`; INT4 AWQ in `export.onnx_quant`); `export.cli` is
+`nanokit export` and `nanokit build`. `bundled/` holds the files bundles carry verbatim.
 """

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from nano.cli import whole_number
-from nano.memory import DEFAULT_RECIPE, QUANT_FORMATS, RECIPES, TARGETS
+from nano.hardware import DEFAULT_RECIPE, QUANT_FORMATS, RECIPES, TARGETS
 
 ENGINE_MISSING = 3  # exit status when the bundle's engine is not installed here (its commands are printed)
 
@@ -23,7 +23,7 @@ def _calibration(args: argparse.Namespace):
         raise ValueError(f"--quant {args.quant} needs calibration text: --calib PATH (text, jsonl, parquet or token ids)")
     from transformers import AutoTokenizer
 
-    from nano.checkpoint import resolve
+    from nano.shipped import resolve
     from nano.data import token_samples
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(args.model))

@@ -38,8 +38,8 @@ from pathlib import Path
 
 from nano.atomic import atomic_dir
 from nano.config import ConfigError, check_supported, context_length, layer_pattern
-from nano.memory import (ARCHITECTURES, GIB, JETSON_PRECISIONS, TARGETS, format_count, jetson_plan, largest,
-                         parameter_count)
+from nano.hardware import ARCHITECTURES, JETSON_PRECISIONS, TARGETS
+from nano.memory import GIB, format_count, jetson_plan, largest, parameter_count
 
 from .bundle import write_manifest
 from .trtllm import checkpoint_folder

@@ -122,7 +122,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     loaded = nano.load(model, device="cpu", dtype=DTYPES[dtype])
-    if loaded._decilm():
+    if loaded.family == "decilm":
         raise ValueError(f"{model}: the ONNX export is for the hybrid (NemotronH) family")
     hf = loaded.model
     context = context or hf.config.max_position_embeddings

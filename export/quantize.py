@@ -2,7 +2,7 @@
 
 modelopt calibrates (max for FP8 and NVFP4, AWQ-lite for INT4) and writes the quantized Hugging Face
 checkpoint; this module decides what is quantized and fixes what TensorRT-LLM's loader needs:
-- only the linear layers of the recipe's groups (`nano.memory.RECIPES`: NVIDIA's published Nano 2
+- only the linear layers of the recipe's groups (`nano.hardware.RECIPES`: NVIDIA's published Nano 2
   recipe quantizes the Mamba projections and the MLPs; attention, the conv, embeddings and the head
   stay in 16 bits), each named exactly in modelopt's config, and checked after calibration;
 - INT4 AWQ with the largest group size (128, 64 or 32) that divides every quantized layer's input

@@ -27,17 +27,8 @@ from pathlib import Path
 
 from nano.atomic import atomic_dir
 from nano.config import ConfigError, check_supported, family, with_layer_fields
-from nano.memory import (
-    DEFAULT_RECIPE,
-    GIB,
-    PREFILL_CHUNK,
-    TARGETS,
-    check_quant_runs_on,
-    fit,
-    format_count,
-    parameter_count,
-    usable_bytes,
-)
+from nano.hardware import DEFAULT_RECIPE, PREFILL_CHUNK, TARGETS
+from nano.memory import GIB, check_quant_runs_on, fit, format_count, parameter_count, usable_bytes
 
 from .bundle import copy_tokenizer, write_manifest
 from .trtllm_budget import BUNDLED, HOOK_PACKAGE, write_budget_packages
@@ -51,7 +42,7 @@ INSTALL = ("pip install tensorrt_llm --extra-index-url https://pypi.nvidia.com  
 
 def checkpoint_folder(model: str | Path) -> Path:
     """The checkpoint folder: `model` itself, or a shipped checkpoint's ("nano-tiny")."""
-    from nano.checkpoint import resolve
+    from nano.shipped import resolve
 
     return resolve(model)
 
@@ -348,7 +339,7 @@ def export_decilm(model, out, gpu: str, context: int, found, config: dict, tp: i
     """A Llama-Nemotron NAS bundle: the TensorRT-LLM checkpoint split over `tp` ranks for trtllm-build,
     the tokenizer, build and serve scripts, and the PyTorch backend's options for the same sizes."""
     from nano.checkpoint import portable_tokenizer
-    from nano.decilm import DeciConfig
+    from nano.decilm_config import DeciConfig
 
     from .trtllm_checkpoint import write_trtllm_checkpoint
 

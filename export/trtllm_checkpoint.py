@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nano.decilm import GATED, GQA, LINEAR, NONE, DeciConfig
+from nano.decilm_config import GATED, GQA, LINEAR, NONE, DeciConfig
 from nano.memory import decilm_check_tp
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

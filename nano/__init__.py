@@ -1,20 +1,31 @@
-"""Nano toolkit: load, budget-controlled generation and deployment for NVIDIA's small Nemotron models."""
+"""Nano toolkit: load, budget-controlled generation and deployment for NVIDIA's small Nemotron models.
 
-from .chat import ChatError, ChatFormat
-from .checkpoint import CheckpointError, Model, load
-from .config import ConfigError
-from .generate import Event, Generation, Stream, generate
+The names below are imported on first use, so that what needs no model (the planner, `--dry-run`,
+`--help`) starts without torch and transformers.
+"""
 
-__all__ = [
-    "load",
-    "generate",
-    "Model",
-    "Generation",
-    "Event",
-    "Stream",
-    "ChatFormat",
-    "CheckpointError",
-    "ChatError",
-    "ConfigError",
-]
+from __future__ import annotations
+
+from importlib import import_module
+
+_HOMES = {
+    "load": "checkpoint", "Model": "checkpoint", "CheckpointError": "checkpoint",
+    "generate": "generation", "Generation": "generation", "Event": "generation", "Stream": "generation",
+    "ChatFormat": "chat", "ChatError": "chat",
+    "ConfigError": "config",
+}
+
+__all__ = list(_HOMES)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nano' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_HOMES])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,15 +22,12 @@ from .config import ConfigError, check_supported, context_length, family, with_l
 from .reference import ReferenceDecoder
 from .kernels import select_kernels
 from .runtime import HybridRuntime, describe
+from .shipped import resolve
 
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-# Checkpoints shipped inside the package, by short name.
-SHIPPED = {"nano-tiny": "models/nano-tiny"}
 
 
 class CheckpointError(ValueError):
@@ -57,10 +53,10 @@ class Model:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def _decilm(self) -> bool:
-        from .decilm import DeciLMForCausalLM
-
-        return isinstance(self.model, DeciLMForCausalLM)
+    @property
+    def family(self) -> str | None:
+        """"nemotron_h" or "decilm" (`nano.config.family`)."""
+        return family(self.config)
 
     def _fast(self) -> bool:
         if self.runtime not in ("auto", "fast", "reference"):
@@ -69,7 +65,7 @@ class Model:
 
     def decoder(self, rows: int = 1, capacity: int | None = None):
         """A fresh decoder for one generation of `rows` sequences of up to `capacity` tokens."""
-        if self._decilm():
+        if self.family == "decilm":
             from .decilm import DeciLMDecoder
 
             return DeciLMDecoder(self.model, rows, capacity or context_length(self.config))
@@ -79,7 +75,7 @@ class Model:
 
     def runtime_name(self) -> str:
         """What `decoder` would run, in words, without allocating anything."""
-        if self._decilm():
+        if self.family == "decilm":
             from .decilm import DeciLMDecoder
 
             return DeciLMDecoder.name
@@ -223,13 +219,6 @@ def _default_dtype(dtype, device: torch.device, hf_config) -> torch.dtype:
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return stored if isinstance(stored, torch.dtype) else torch.bfloat16
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder: `path` itself, or a shipped checkpoint's folder for its short name."""
-    if str(path) in SHIPPED and not Path(path).exists():
-        return Path(str(resources.files("nano").joinpath(SHIPPED[str(path)])))
-    return Path(path)
 
 
 def load(path: str | os.PathLike, device=None, dtype=None) -> Model:

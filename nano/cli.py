@@ -141,7 +141,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import ConfigError, check_supported
-    from .memory import GIB, TARGETS, check_quant_runs_on, fit
+    from .hardware import TARGETS
+    from .memory import GIB, check_quant_runs_on, fit
 
     source = Path(args.config) if args.config else Path(args.model) / "config.json"
     if not source.exists():
@@ -195,7 +196,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_plan(sub) -> None:
-    from .memory import DEFAULT_RECIPE, DTYPE_BYTES, QUANT_FORMATS, RECIPES, TARGETS
+    from .hardware import DEFAULT_RECIPE, DTYPE_BYTES, QUANT_FORMATS, RECIPES, TARGETS
 
     p = sub.add_parser("plan", help="the memory a model needs on a GPU, before anything starts",
                        description="Weights, KV cache (attention layers only), Mamba state, prefill workspace and "

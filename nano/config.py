@@ -91,9 +91,15 @@ DECILM_MODEL_TYPE = "nemotron-nas"
 DECILM_ARCHITECTURE = "DeciLMForCausalLM"
 
 
-def family(config: dict[str, Any]) -> str | None:
-    """"nemotron_h" (hybrid Nano), "decilm" (Llama-Nemotron Super / Ultra), or None."""
-    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+def family(config: Any) -> str | None:
+    """"nemotron_h" (hybrid Nano), "decilm" (Llama-Nemotron Super / Ultra), or None: the one place that
+    tells, for a config.json dict, a transformers config, or the toolkit's DeciLM config."""
+    from .decilm_config import DeciConfig
+
+    if isinstance(config, DeciConfig):
+        return "decilm"
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    model_type, architectures = get("model_type"), get("architectures") or []
     if model_type == NEMOTRON_H_MODEL_TYPE or NEMOTRON_H_ARCHITECTURE in architectures:
         return "nemotron_h"
     if model_type == DECILM_MODEL_TYPE or DECILM_ARCHITECTURE in architectures:
@@ -108,7 +114,7 @@ def check_supported(config: dict[str, Any], source: str = "config.json", familie
         layer_pattern(config, source)
         return found
     if found == "decilm" and found in families:
-        from .decilm import DeciConfig
+        from .decilm_config import DeciConfig
 
         try:
             DeciConfig.of(config, source)

@@ -25,122 +25,13 @@ row per step, with a static KV cache for the GQA layers).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_TYPE = "nemotron-nas"
-ARCHITECTURE = "DeciLMForCausalLM"
-
-GQA, LINEAR, NONE, GATED = "gqa", "linear", "none", "gated"
-
-
-def ffn_width(ffn_mult: float, hidden: int) -> int:
-    """The gated FFN's intermediate width for `ffn_mult`: int(2 * mult * hidden / 3) up to a multiple of 256."""
-    width = int(2 * ffn_mult * hidden / 3)
-    return -(-width // 256) * 256
-
-
-@dataclass(frozen=True)
-class Block:
-    """One layer's choice: attention GQA / linear / none (with its KV heads), FFN gated / linear / none."""
-
-    attention: str
-    kv_heads: int
-    ffn: str
-    intermediate: int
-
-
-@dataclass(frozen=True)
-class DeciConfig:
-    vocab: int
-    hidden: int
-    heads: int
-    head_dim: int
-    blocks: tuple[Block, ...]
-    eps: float = 1e-5
-    rope_theta: float = 500000.0
-    rope_scaling: dict | None = None
-    max_positions: int = 131072
-    tied: bool = False
-
-    @classmethod
-    def of(cls, config: Any, source: str = "config.json") -> DeciConfig:
-        """From a config.json dict (or an object with the same attributes)."""
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-        hidden, heads = get("hidden_size"), get("num_attention_heads")
-        entries = get("block_configs")
-        if not isinstance(entries, list) or not entries:
-            raise ValueError(f"{source}: block_configs must be a non-empty list (one entry per layer)")
-        if get("num_hidden_layers") not in (None, len(entries)):
-            raise ValueError(f"{source}: num_hidden_layers {get('num_hidden_layers')} but {len(entries)} block_configs")
-        blocks = []
-        for i, entry in enumerate(entries):
-            entry = entry if isinstance(entry, dict) else vars(entry)
-            attention = entry.get("attention") or {}
-            ffn = entry.get("ffn") or {}
-            attention = attention if isinstance(attention, dict) else vars(attention)
-            ffn = ffn if isinstance(ffn, dict) else vars(ffn)
-            for part, what in (("attention", attention), ("ffn", ffn)):
-                for unsupported in ("sparsify", "window_length", "num_sink_tokens"):
-                    if what.get(unsupported):
-                        raise ValueError(f"{source}: block_configs[{i}].{part}.{unsupported} = {what[unsupported]!r} "
-                                         f"is not supported (only dense full attention)")
-            if attention.get("no_op"):
-                kind, kv = NONE, 0
-            elif attention.get("replace_with_linear"):
-                kind, kv = LINEAR, 0
-            else:
-                group = attention.get("n_heads_in_group")
-                if not group or heads % group:
-                    raise ValueError(f"{source}: block_configs[{i}].attention.n_heads_in_group is {group!r}; it "
-                                     f"must divide num_attention_heads {heads}")
-                kind, kv = GQA, heads // group
-            if ffn.get("no_op"):
-                ffn_kind, width = NONE, 0
-            elif ffn.get("replace_with_linear"):
-                ffn_kind, width = LINEAR, 0
-            elif ffn.get("intermediate_size"):  # the newer Puzzle format names the width itself
-                ffn_kind, width = GATED, int(ffn["intermediate_size"])
-            else:
-                if not ffn.get("ffn_mult"):
-                    raise ValueError(f"{source}: block_configs[{i}].ffn has neither ffn_mult nor intermediate_size")
-                ffn_kind, width = GATED, ffn_width(ffn["ffn_mult"], hidden)
-            blocks.append(Block(kind, kv, ffn_kind, width))
-        scaling = get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3",):
-            raise ValueError(f"{source}: rope_scaling type {scaling.get('rope_type')!r}; supported: llama3")
-        return cls(vocab=get("vocab_size"), hidden=hidden, heads=heads, head_dim=get("head_dim") or hidden // heads,
-                   blocks=tuple(blocks), eps=get("rms_norm_eps", 1e-5), rope_theta=get("rope_theta", 500000.0),
-                   rope_scaling=scaling, max_positions=get("max_position_embeddings", 131072),
-                   tied=bool(get("tie_word_embeddings", False)))
-
-    @property
-    def vocab_size(self) -> int:  # the names generation reads from a transformers config
-        return self.vocab
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.max_positions
-
-    def block_parameters(self, block: Block) -> dict[str, int]:
-        """Parameters of one layer by group: attention, ffn, norms."""
-        h, q = self.hidden, self.heads * self.head_dim
-        attention = {GQA: h * q + 2 * h * block.kv_heads * self.head_dim + q * h, LINEAR: h * h, NONE: 0}[block.attention]
-        ffn = {GATED: 3 * h * block.intermediate, LINEAR: h * h, NONE: 0}[block.ffn]
-        norms = h * ((block.attention != NONE) + (block.ffn != NONE))
-        return {"attention": attention, "ffn": ffn, "norms": norms}
-
-    def parameters(self) -> int:
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return embeddings + self.hidden + sum(sum(self.block_parameters(b).values()) for b in self.blocks)
-
-
-def is_decilm(config: dict) -> bool:
-    return config.get("model_type") == MODEL_TYPE or ARCHITECTURE in (config.get("architectures") or [])
+from .decoder import Decoder
+from .decilm_config import GATED, GQA, LINEAR, NONE, Block, DeciConfig, ffn_width  # noqa: F401 (the model's config)
 
 
 def rope_frequencies(config: DeciConfig) -> torch.Tensor:
@@ -292,7 +183,7 @@ class DeciLMForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x))
 
 
-class DeciLMDecoder:
+class DeciLMDecoder(Decoder):
     """`prefill` a left-padded batch, then `step` one token per row; both return (rows, vocab) fp32
     logits of the last position. The KV cache of each GQA layer is allocated once, for `capacity`."""
 

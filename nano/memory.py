@@ -20,64 +20,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .config import ATTENTION, MAMBA, MLP, layer_pattern
+from .config import ATTENTION, MAMBA, MLP, family, layer_pattern
+from .hardware import (ARCHITECTURES, DEFAULT_RECIPE, DTYPE_BYTES, JETSON_PRECISIONS, JETSON_QUANTIZED, QUANT_FORMATS,
+                       RECIPES, TARGETS, prefill_chunk)
 
 GIB = 2**30
-
-# Bytes per value. Quantized weights carry a scale per group of 128 (int4) or 16 (nvfp4) values.
-DTYPE_BYTES = {
-    "fp32": 4.0,
-    "bf16": 2.0,
-    "fp16": 2.0,
-    "fp8": 1.0,
-    "int8": 1.0,
-    "int4": 0.5 + 2 / 128,
-    "nvfp4": 0.5 + 1 / 16,
-}
-
-# Memory a deployment may use on each target (GiB): the card's memory less what the CUDA context,
-# the driver and a display or the OS (on Jetson, where memory is shared) keep.
-TARGETS = {
-    "a10g": 22.0,
-    "l4": 22.0,
-    "l40s": 44.0,
-    "rtx4090": 22.0,
-    "a100-40": 38.0,
-    "a100-80": 77.0,
-    "h100": 77.0,
-    "h200": 137.0,
-    "orin-8": 5.5,
-    "orin-16": 12.5,
-    "orin-32": 27.0,
-    "orin-64": 56.0,
-    "thor": 110.0,
-}
-
-# The GPU generation of each target, which decides the quantized formats it has kernels for.
-ARCHITECTURES = {
-    "a10g": "ampere", "l4": "ada", "l40s": "ada", "rtx4090": "ada", "a100-40": "ampere", "a100-80": "ampere",
-    "h100": "hopper", "h200": "hopper", "orin-8": "ampere", "orin-16": "ampere", "orin-32": "ampere",
-    "orin-64": "ampere", "thor": "blackwell",
-}
-
-# Quantized formats: the bytes of their weights (a DTYPE_BYTES key) and the generations that run them
-# (FP8 tensor cores from Ada on, FP4 on Blackwell; INT4 AWQ is weight-only and runs on Ampere too).
-QUANT_FORMATS = {
-    "fp8": ("fp8", ("ada", "hopper", "blackwell")),
-    "int4_awq": ("int4", ("ampere", "ada", "hopper", "blackwell")),
-    "nvfp4": ("nvfp4", ("blackwell",)),
-}
-
-# The parameter groups each recipe quantizes. "mamba-mlp" is the recipe of NVIDIA's published Nano 2
-# FP8 and NVFP4 checkpoints: the Mamba projections and the MLPs quantized, attention, the conv,
-# embeddings and the head kept in 16 bits. "mlp" quantizes the MLPs alone (modelopt's conservative
-# Mamba preset).
-RECIPES = {
-    "mamba-mlp": ("mlp", "mamba_in_proj", "mamba_out_proj"),
-    "mlp": ("mlp",),
-}
-DEFAULT_RECIPE = "mamba-mlp"
-
 
 def quantized_groups(quant: str, recipe: str = DEFAULT_RECIPE) -> tuple[str, ...]:
     """The parameter groups `recipe` quantizes in the `quant` format. INT4 AWQ leaves the Mamba in_proj
@@ -87,17 +34,7 @@ def quantized_groups(quant: str, recipe: str = DEFAULT_RECIPE) -> tuple[str, ...
     quant_bytes(quant)
     return tuple(g for g in RECIPES[recipe] if not (quant == "int4_awq" and g == "mamba_in_proj"))
 
-PREFILL_CHUNK = 4096
-# Tokens of one prefill call over all rows: mamba-ssm's Triton chunk scan indexes its inputs with 32-bit
-# offsets, and the Mamba in_proj output (22656 wide at the Nano shapes) passes 2**31 past 94k tokens.
-PREFILL_TOKENS = 65536
 OVERHEAD_BYTES = GIB // 4
-
-
-def prefill_chunk(rows: int, chunk: int = PREFILL_CHUNK) -> int:
-    """Tokens per row in one prefill call: `chunk`, fewer when `rows` of it would pass PREFILL_TOKENS
-    (a multiple of the scan's 128-token chunks, at least one)."""
-    return max(128, min(chunk, PREFILL_TOKENS // rows // 128 * 128))
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -309,7 +246,7 @@ def plan(
     with `quant`, the weights `recipe` quantizes are in that format (see RECIPES), the rest at `weight_dtype`."""
     if context < 1 or batch < 1:
         raise ValueError(f"context and batch must be at least 1, got context={context}, batch={batch}")
-    if _is_decilm(config):
+    if family(config) == "decilm":
         return _plan_decilm(config, target, context, batch, weight_dtype, kv_dtype, activation_dtype, quant, tp)
     s = Shape.of(config)
     s.check_tp(tp)
@@ -338,15 +275,6 @@ def plan(
     )
 
 
-def _is_decilm(config: Any) -> bool:
-    from .decilm import DeciConfig
-
-    if isinstance(config, DeciConfig):
-        return True
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    return get("model_type") == "nemotron-nas" or "DeciLMForCausalLM" in (get("architectures") or [])
-
-
 def decilm_check_tp(config, tp: int) -> None:
     """Refuse a tensor-parallel size that does not divide the heads, a layer's KV heads or FFN width."""
     if tp < 1:
@@ -372,7 +300,7 @@ def decilm_weight_bytes(config, dtype: str = "bf16", quant: str | None = None, t
 
 
 def _plan_decilm(config, target, context, batch, weight_dtype, kv_dtype, activation_dtype, quant, tp) -> MemoryPlan:
-    from .decilm import DeciConfig
+    from .decilm_config import DeciConfig
 
     c = config if isinstance(config, DeciConfig) else DeciConfig.of(config)
     decilm_check_tp(c, tp)
@@ -443,7 +371,7 @@ def fit(config: Any, target: str | float, context: int, batch: int = 1, max_cont
     best_context = largest(lambda n: plan(config, target, n, batch, **options).fits, max(max_context or context, context))
     best_batch = largest(lambda n: plan(config, target, context, n, **options).fits, 4096)
     arch = ARCHITECTURES.get(str(target).lower())
-    recipes = (None,) if _is_decilm(config) else RECIPES  # a DeciLM quantizes every layer's linears: no recipe
+    recipes = (None,) if family(config) == "decilm" else RECIPES  # a DeciLM quantizes every layer's linears: no recipe
     quantizations = tuple(
         (quant, recipe) for recipe in recipes for quant, (_, archs) in QUANT_FORMATS.items()
         if (arch is None or arch in archs) and quant != options.get("quant")
@@ -452,19 +380,12 @@ def fit(config: Any, target: str | float, context: int, batch: int = 1, max_cont
     return Fit(result, best_context, best_batch, quantizations)
 
 
-# What each Jetson generation runs (Orin: no FP8; Thor, Blackwell: FP8 and FP4 too), most precise first.
-JETSON_PRECISIONS = {"ampere": ("fp16", "int8", "int4"), "blackwell": ("fp16", "fp8", "int4", "nvfp4")}
-# What a Jetson route stores at the precision: every linear layer but the head. The embeddings, the head,
-# the norms and the conv stay in fp16 (nanokit's ONNX INT4 and TensorRT Edge-LLM's quantizer alike).
-JETSON_QUANTIZED = ("mamba_in_proj", "mamba_out_proj", "attention", "mlp")
-
-
 def jetson_plan(config: Any, board: str, context: int, batch: int = 1, precision: str = "fp16",
                 ssm_dtype: str = "fp32") -> MemoryPlan:
     """`plan` for a Jetson route: the linear layers at `precision`, the rest of the weights, the KV
     cache and activations in fp16, the SSM state in `ssm_dtype` (fp32 on the ONNX route; TensorRT
     Edge-LLM keeps it in fp16)."""
-    if _is_decilm(config):  # no embedding split here: every weight at the precision
+    if family(config) == "decilm":  # no embedding split here: every weight at the precision
         return plan(config, board, context, batch, weight_dtype=precision, kv_dtype="fp16", activation_dtype="fp16")
     base = plan(config, board, context, batch, weight_dtype="fp16", kv_dtype="fp16", ssm_dtype=ssm_dtype,
                 activation_dtype="fp16")

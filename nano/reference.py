@@ -1,8 +1,7 @@
 """The reference decoder: transformers' own `NemotronHForCausalLM` forward and cache.
 
 Slow and trusted. It serves generation on the CPU and is the yardstick any faster runtime is
-tested against. A decoder does two things: `prefill` a left-padded batch of prompts once, then
-`step` one token per row at a time; both return the next-token logits, (rows, vocab) in fp32.
+tested against. The interface it follows is `nano.decoder.Decoder`.
 """
 
 from __future__ import annotations
@@ -10,8 +9,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from .decoder import Decoder
 
-class ReferenceDecoder:
+
+class ReferenceDecoder(Decoder):
     name = "reference (transformers)"
 
     def __init__(self, model):

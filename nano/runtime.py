@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from .compiled import compiled
 from .kernels import Kernels, select_kernels
-from .memory import prefill_chunk
+from .decoder import Decoder
+from .hardware import prefill_chunk
 
 try:
     from torch.nn.attention.bias import causal_lower_right
@@ -38,7 +39,7 @@ def describe(kernels: Kernels, graphs: bool) -> str:
     return f"fast ({kernels.name}{'; decode step in a CUDA graph' if graphs else ''})"
 
 
-class HybridRuntime:
+class HybridRuntime(Decoder):
     """A decoder (`prefill`, then `step` per token) for `rows` sequences of up to `capacity` tokens."""
 
     def __init__(

@@ -75,7 +75,7 @@ def _dry_run(args, config, target) -> int:
     from nano.memory import parameter_count
 
     from .search import Budget, grid
-    from .slicing import check_plan, pruned_config_dict
+    from .targets import check_plan, pruned_config_dict
 
     pattern = config.hybrid_override_pattern
     teacher_counts = {k: pattern.count(k) for k in (MAMBA, ATTENTION, MLP)}
@@ -124,7 +124,7 @@ def _dry_run(args, config, target) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from transformers import NemotronHConfig
 
-    from nano.checkpoint import resolve
+    from nano.shipped import resolve
 
     teacher_dir = resolve(args.teacher)
     if not (teacher_dir / "config.json").exists():
@@ -247,7 +247,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     import nano
     from nano.atomic import atomic_dir
-    from nano.checkpoint import resolve, write_checkpoint
+    from nano.checkpoint import write_checkpoint
+    from nano.shipped import resolve
     from nano.cli import quiet_transformers
     from nano.data import token_samples
     from .train import DistillConfig, distill, full_state_dict

@@ -15,8 +15,8 @@ from nano.memory import format_count, parameter_count
 
 from .importance import Importance, LayerStep, rank_layers, width_importance
 from .search import Budget, Candidate, search
-from .slicing import Plan, slice_model
-from .targets import Sizes
+from .slicing import slice_model
+from .targets import Plan, Sizes
 
 
 @dataclass

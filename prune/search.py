@@ -18,8 +18,8 @@ from nano.memory import GIB, Shape, usable_bytes
 from nano.memory import plan as memory_plan
 
 from .distill import heldout_loss, short_distill
-from .slicing import pruned_config_dict, slice_model
-from .targets import Sizes
+from .slicing import slice_model
+from .targets import Sizes, pruned_config_dict
 
 
 @dataclass(frozen=True)

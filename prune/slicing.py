@@ -17,63 +17,14 @@ so that keeping everything gives back the same model:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from nano.config import ATTENTION, MAMBA, MLP
 
 from .importance import Importance
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Target sizes of the pruned model and the layers (original indices) to drop."""
-
-    hidden: int
-    ffn: int
-    mamba_heads: int
-    attention_heads: int
-    drop: tuple[int, ...] = field(default_factory=tuple)
-
-
-def check_plan(config, plan: Plan) -> None:
-    """Raise ValueError, naming the value, unless `plan` can be cut from a model of `config`."""
-    def bounded(name, value, original, multiple=1, why=""):
-        if not 1 <= value <= original or value % multiple:
-            extra = f", a multiple of {multiple}{why}" if multiple > 1 else ""
-            raise ValueError(f"{name}={value} is not possible: it must be between 1 and {original}{extra}")
-
-    bounded("hidden", plan.hidden, config.hidden_size)
-    bounded("ffn", plan.ffn, config.intermediate_size)
-    bounded("mamba_heads", plan.mamba_heads, config.mamba_num_heads, config.n_groups,
-            f" (every one of the {config.n_groups} groups keeps the same number of heads)")
-    bounded("attention_heads", plan.attention_heads, config.num_attention_heads, config.num_key_value_heads,
-            f" (every one of the {config.num_key_value_heads} KV groups keeps the same number of query heads)")
-    layers = len(config.hybrid_override_pattern)
-    bad = [i for i in plan.drop if not 0 <= i < layers]
-    if bad or len(set(plan.drop)) != len(plan.drop) or len(plan.drop) >= layers:
-        raise ValueError(f"layers to drop {list(plan.drop)} must be distinct indices in 0..{layers - 1}, not all")
-
-
-def pruned_pattern(pattern: str, drop) -> str:
-    return "".join(kind for i, kind in enumerate(pattern) if i not in set(drop))
-
-
-def pruned_config_dict(config, plan: Plan) -> dict:
-    """The config (as a dict for `NemotronHConfig`) of the model that `plan` cuts from `config`."""
-    check_plan(config, plan)
-    fields = config.to_dict()
-    for stale in ("layers_block_type", "layer_types", "num_hidden_layers", "hybrid_override_pattern"):
-        fields.pop(stale, None)
-    fields.update(
-        hybrid_override_pattern=pruned_pattern(config.hybrid_override_pattern, plan.drop),
-        hidden_size=plan.hidden,
-        intermediate_size=plan.ffn,
-        mamba_num_heads=plan.mamba_heads,
-        num_attention_heads=plan.attention_heads,
-    )
-    return fields
+from .targets import Plan, check_plan, pruned_config_dict
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:

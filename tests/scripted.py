@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import torch
 
 from nano.chat import ChatFormat
-from nano.generate import generate
+from nano.decoder import Decoder
+from nano.generation import generate
 from nano.tiny import TINY_CONFIG, tiny_config, tiny_tokenizer
 
 Script = Callable[[list[int]], int]
@@ -35,7 +36,7 @@ EOS = tok("<SPECIAL_12>")
 TOOL_OPEN, TOOL_CLOSE = tok("<TOOLCALL>"), tok("</TOOLCALL>")
 
 
-class ScriptedDecoder:
+class ScriptedDecoder(Decoder):
     name = "scripted"
 
     def __init__(self, owner: "ScriptedModel"):
@@ -138,7 +139,7 @@ class TrtllmScripted(ScriptedModel):
         self.engine = None
 
     def generate(self, prompt="Q?", budget=None, grace=None, think=True, max_new_tokens=400):
-        from nano.generate import _generation
+        from nano.generation import _generation
         from trtllm_standin import Engine
 
         batched = isinstance(prompt, list)

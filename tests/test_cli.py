@@ -6,10 +6,13 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from nano.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_generate_prints_reasoning_answer_and_counts(tiny_dir, capsys):
@@ -73,3 +76,38 @@ def test_module_entry(tiny_dir):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
+
+
+_WITHOUT_TORCH = """
+import builtins, sys
+real = builtins.__import__
+def refuse(name, *args, **kwargs):
+    if name == "torch" or name.startswith("torch."):
+        raise ImportError("torch imported")
+    return real(name, *args, **kwargs)
+builtins.__import__ = refuse
+from nano.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_planner_and_dry_runs_start_without_torch(tmp_path):
+    from nano.shapes import shape_config
+
+    nine = tmp_path / "nano-9b"
+    shape_config("nano-9b-v2").save_pretrained(nine)
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        shutil.copy(ROOT / "nano" / "models" / "nano-tiny" / name, nine / name)
+    commands = [
+        ["--help"],
+        ["plan", "--config", str(nine / "config.json"), "--gpu", "a10g"],
+        ["plan", "--model", str(nine), "--jetson"],
+        ["plan", "--config", str(ROOT / "tests" / "data" / "ultra_config.json"), "--gpu", "h100", "--tp", "8"],
+        ["export", "trtllm", "--model", str(nine), "--gpu", "a10g", "--dry-run"],
+        ["export", "trtllm", "--model", "nano-tiny", "--gpu", "l4", "--dry-run"],
+        ["export", "edgellm", "--model", str(nine), "--quant", "int4_awq", "--dry-run"],
+    ]
+    for command in commands:
+        done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, *command], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT)
+        assert done.returncode == 0, f"{command}: {done.stderr[-2000:]}"

@@ -59,7 +59,8 @@ def test_plan_prints_a_table_and_names_bad_input(configs, capsys):
 
 
 def test_parameter_groups_sum_to_the_count_and_recipes_quantize_theirs():
-    from nano.memory import RECIPES, Shape, quantized_groups
+    from nano.hardware import RECIPES
+    from nano.memory import Shape, quantized_groups
 
     shape = Shape.of(shape_config("nano-12b-v2-base"))
     groups = shape.parameter_groups()
@@ -88,7 +89,7 @@ def test_a_12b_that_does_not_fit_says_by_how_much_and_what_would(configs, capsys
 
 
 def test_prefill_calls_stay_under_the_scan_kernels_32_bit_offsets():
-    from nano.memory import PREFILL_TOKENS, prefill_chunk
+    from nano.hardware import PREFILL_TOKENS, prefill_chunk
 
     assert prefill_chunk(1) == 4096 and prefill_chunk(16) == 4096
     assert prefill_chunk(32) == 2048 and prefill_chunk(1000) == 128  # at least one scan chunk per row

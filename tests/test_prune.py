@@ -23,7 +23,8 @@ from prune.importance import (
 )
 from prune.pipeline import prune
 from prune.search import Budget
-from prune.slicing import Plan, slice_model
+from prune.slicing import slice_model
+from prune.targets import Plan
 from prune.targets import Sizes, preset
 
 PATTERN = "M-M*-M-M*-M-"

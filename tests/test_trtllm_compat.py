@@ -129,7 +129,7 @@ def test_a_bf16_bundle_reads_in_transformers_4(transformers4, tiny, tmp_path):
 
 
 def test_the_shipped_nano_tiny_in_a_tensor_parallel_bundle(transformers4, tmp_path):
-    from nano.checkpoint import resolve
+    from nano.shipped import resolve
 
     bundle = tmp_path / "tp2"
     assert main(["export", "trtllm", "--model", "nano-tiny", "--gpu", "l4", "--tp", "2", "--context", "8192",

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from nano.decoder import Decoder
 from nano.memory import GIB, jetson_options
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -53,7 +54,7 @@ def choose(config: dict, board: str, context: int, torch_backend: bool) -> dict 
     return None
 
 
-class OnnxDecoder:
+class OnnxDecoder(Decoder):
     """The decoder interface of nano.generate (prefill, then one step per token) over the graphs of a
     bundle from `nanokit export onnx`, run by onnxruntime: the budget controller and the sampler are
     nano.generate's own."""

@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from record import commit, device_name  # noqa: E402
+from bench.record import commit, device_name  # noqa: E402
 
 from nano.memory import parameter_count  # noqa: E402
 from nano.tiny import tiny_config, tiny_tokenizer  # noqa: E402

@@ -20,15 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import nano  # noqa: E402
 from nano.arithmetic import boxed, sample  # noqa: E402
 from nano.budget import default_grace  # noqa: E402
-from record import commit, device_name  # noqa: E402
+from bench.record import commit, device_name  # noqa: E402
 
 BUDGETS = [0, 4, 8, 16, 32, 64, 128, None]
 

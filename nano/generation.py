@@ -170,8 +170,7 @@ def _decode_steps(model, prepared: _Prepared, temperature, top_p, seed) -> Itera
     def step(tokens):
         return choose(decoder.step(tokens))
 
-    if hasattr(decoder, "graphed"):  # the runtime captures model, controller and sampler in one graph
-        step = decoder.graphed(step, generator)
+    step = decoder.graphed(step, generator)  # the fast runtime: model, controller and sampler in one CUDA graph
     finished = _FinishedCheck(controller, device)
     tokens, kinds = choose(decoder.prefill(input_ids, mask))
     yield tokens, kinds
