@@ -28,7 +28,7 @@ from nano.chat import ChatFormat
 from nano.tiny import tiny_config, tiny_tokenizer
 
 VOCAB = 131072
-NANO_9B_WEIGHT_BYTES = 17.78e9  # 8.888B parameters in bf16 (shared/BRIEF.md)
+NANO_9B_WEIGHT_BYTES = 17.78e9  # 8.888B parameters in bf16 (nano.memory.parameter_count of the 9B shape)
 
 
 def sync(device):

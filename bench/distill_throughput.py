@@ -1,7 +1,7 @@
 """Distillation throughput at the real shapes: Nano-12B-v2-Base teacher, Nano-9B-v2 student.
 
 Random weights (bf16 teacher, fp32 master weights for the student, bf16 autocast), the toolkit's
-trainer (`prune.train.distill`: FSDP2 over the processes, activation checkpointing, AdamW), a few
+trainer (`prune.distill.distill`: FSDP2 over the processes, activation checkpointing, AdamW), a few
 optimizer steps of `--batch` sequences of `--seq-len` tokens. Reports tokens/s per GPU and model
 FLOPs utilisation: (2 x teacher parameters + 6 x student parameters) x tokens/s over the GPUs'
 dense bf16 peak (the recomputation of activation checkpointing is not counted as useful work).
@@ -28,7 +28,7 @@ from bench.record import write
 from nano.memory import parameter_count
 from nano.shapes import shape_config
 from nano.tiny import tiny_config
-from prune.train import DistillConfig, distill
+from prune.distill import DistillConfig, distill
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per GPU (SXM)
 

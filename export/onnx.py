@@ -109,7 +109,7 @@ cd "$(dirname "$0")"
 def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: int = 1, context: int | None = None,
                 force: bool = False, quant: str | None = None, calibration: torch.Tensor | None = None) -> dict:
     """Write the ONNX bundle of `model` into `out` (all at once); its manifest. With quant="int4_awq",
-    the linear layers run from INT4 weights (export.onnx_quant), calibrated on `calibration` token ids."""
+    the linear layers run from INT4 weights (export.onnx_int4), calibrated on `calibration` token ids."""
     import nano
 
     if dtype not in DTYPES:
@@ -128,7 +128,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
     context = context or hf.config.max_position_embeddings
     layers = None
     if quant:
-        from .onnx_quant import calibrate_awq
+        from .onnx_int4 import calibrate_awq
 
         with torch.autocast("cpu", enabled=False):
             layers = calibrate_awq(nano.load(model, device="cpu", dtype=torch.float32).model, calibration)
@@ -147,7 +147,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp16", batch: 
                 ({0: rows}, cache_axes), tmp / "decode" / "model.onnx")
         quantized = {}
         if layers:
-            from .onnx_quant import apply_to_graph
+            from .onnx_int4 import apply_to_graph
 
             for name in ("prefill", "decode"):
                 quantized[name] = apply_to_graph(tmp / name / "model.onnx", hf, layers, DTYPES[dtype])

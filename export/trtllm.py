@@ -5,7 +5,7 @@ Hugging Face checkpoint. What goes wrong on small GPUs is sizing: left at its de
 the Mamba state for `max_batch_size` = 2048 sequences and takes 90% of free memory for the KV cache.
 The bundle fixes every size from the planner (`nano.memory`):
 
-    OUT/checkpoint/       the Hugging Face checkpoint, bf16 or quantized by modelopt (export.quantize)
+    OUT/checkpoint/       the Hugging Face checkpoint, bf16 or quantized by modelopt (export.trtllm_quant)
     OUT/llm_options.yaml  options for `trtllm-serve --extra_llm_api_options` and `LLM(model, **options)`
     OUT/serve.sh          the launch command
     OUT/plan.json         the planner's figures for this target
@@ -192,7 +192,7 @@ def export_trtllm(model: str | Path, out: str | Path, gpu: str, context: int = 1
         checkpoint.mkdir()
         quantized = None
         if quant:
-            from .quantize import quantize_and_export
+            from .trtllm_quant import quantize_and_export
 
             quantized = quantize_and_export(loaded.model, loaded.tokenizer, quant, recipe, calibration, checkpoint,
                                             progress=progress)

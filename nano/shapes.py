@@ -1,6 +1,6 @@
 """The published shapes of the Nemotron Nano 2 models, as NemotronH config fields.
 
-Read from the models' published configs (shared/BRIEF.md). Used to build random-weight models of
+Read from the models' published configs. Used to build random-weight models of
 the exact shapes, where speed and memory are real and quality is not, and as pruning targets.
 """
 

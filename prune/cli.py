@@ -251,7 +251,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from nano.shipped import resolve
     from nano.cli import quiet_transformers
     from nano.data import token_samples
-    from .train import DistillConfig, distill, full_state_dict
+    from .distill import DistillConfig, distill, full_state_dict
 
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.resume:

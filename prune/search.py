@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from nano.memory import GIB, Shape, usable_bytes
 from nano.memory import plan as memory_plan
 
-from .distill import heldout_loss, short_distill
+from .proxy import heldout_loss, short_distill
 from .slicing import slice_model
 from .targets import Sizes, pruned_config_dict
 

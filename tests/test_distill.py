@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import nano
 from nano.cli import main
 from nano.tiny import build_tiny_checkpoint
-from prune.train import DistillConfig, batch_indices, kd_loss
+from prune.distill import DistillConfig, batch_indices, kd_loss
 
 SHAPE = dict(hybrid_override_pattern="M-M*-M-", hidden_size=64, intermediate_size=128, mamba_num_heads=8,
              mamba_head_dim=16, n_groups=2)
@@ -134,7 +134,7 @@ def test_two_gloo_processes_with_fsdp2_match_one_process(pair, data, tmp_path, o
 
 
 def test_checkpointing_chooses_layers_by_kind(pair):
-    from prune.train import _checkpointing
+    from prune.distill import _checkpointing
 
     model = nano.load(pair[0], device="cpu").model  # pattern M-M*-M-
     _checkpointing(model, True, "M*")

@@ -279,7 +279,7 @@ def reload_dequantized(folder: Path, template_dir: Path, quant: str):
 
 @pytest.mark.parametrize("quant, algo", [("fp8", "FP8"), ("int4_awq", "W4A16_AWQ"), ("nvfp4", "NVFP4")])
 def test_quantized_checkpoints_are_what_trtllm_reads_and_reload_to_the_calibrated_model(tiny, tmp_path, quant, algo):
-    from export.quantize import calibrate, export_quantized
+    from export.trtllm_quant import calibrate, export_quantized
 
     model = nano.load(tiny, device="cpu", dtype=torch.float32)  # fp32: the fake-quantized model's own rounding is exact
     original = {n: m.weight.detach().clone() for n, m in model.model.named_modules() if isinstance(m, torch.nn.Linear)}

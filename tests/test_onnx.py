@@ -148,7 +148,7 @@ def test_int4_awq_graphs_compute_what_their_dequantized_twin_does(tmp_path):
     import onnx
     from transformers import AutoTokenizer
 
-    from export.onnx_quant import calibrate_awq
+    from export.onnx_int4 import calibrate_awq
     from nano.data import token_samples
 
     folder = build_tiny_checkpoint(tmp_path / "m", seed=1, hidden_size=128, intermediate_size=256, num_attention_heads=8,
@@ -185,7 +185,7 @@ def test_int4_awq_graphs_compute_what_their_dequantized_twin_does(tmp_path):
 
 
 def test_the_int4_rounding_and_its_twin():
-    from export.onnx_quant import Int4Layer, awq_layer, quantize_rtn
+    from export.onnx_int4 import Int4Layer, awq_layer, quantize_rtn
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 256, generator=g)

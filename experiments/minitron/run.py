@@ -39,11 +39,11 @@ from bench.record import commit, device_name  # noqa: E402
 from nano.memory import parameter_count  # noqa: E402
 from nano.tiny import tiny_config, tiny_tokenizer  # noqa: E402
 from nano.data import token_samples  # noqa: E402
-from prune.distill import heldout_loss  # noqa: E402
+from prune.proxy import heldout_loss  # noqa: E402
 from prune.importance import rank_layers, width_importance  # noqa: E402
 from prune.slicing import slice_model  # noqa: E402
 from prune.targets import Sizes  # noqa: E402
-from prune.train import DistillConfig, distill  # noqa: E402
+from prune.distill import DistillConfig, distill  # noqa: E402
 
 TEACHER = dict(
     hybrid_override_pattern="M-M-M*-M-M-M*-M-M-M*-M-M-M*-",
