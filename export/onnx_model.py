@@ -23,6 +23,8 @@ from torch import nn
 
 from nano.config import ATTENTION, MAMBA, MLP, layer_pattern
 from nano.kernels import causal_conv1d_silu, gated_rms_norm_torch, rms_norm_torch
+from nano.layers import (MambaDims, attention_out, conv_window, mamba_in_proj, mamba_out, mlp_down, mlp_up, qkv, relu2,
+                         split_xbc)
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
@@ -87,27 +89,11 @@ class _Hybrid(nn.Module):
                 present += [f"present_conv.{i}", f"present_ssm.{i}"]
         return past, present
 
-    def _mlp(self, x, mlp):
-        return F.linear(torch.relu(F.linear(x, mlp.up_proj.weight)).square(), mlp.down_proj.weight)
-
-    def _qkv(self, x, attn):
-        rows, length, _ = x.shape
-        d = attn.head_dim
-        heads, kv = attn.q_proj.weight.shape[0] // d, attn.k_proj.weight.shape[0] // d
-        q = F.linear(x, attn.q_proj.weight).view(rows, length, heads, d).transpose(1, 2)
-        k = F.linear(x, attn.k_proj.weight).view(rows, length, kv, d).transpose(1, 2)
-        v = F.linear(x, attn.v_proj.weight).view(rows, length, kv, d).transpose(1, 2)
-        return q, k, v, heads // kv
-
-    def _mamba_input(self, x, mixer):
-        inner = mixer.num_heads * mixer.head_dim
-        return F.linear(x, mixer.in_proj.weight).split([inner, mixer.conv_dim, mixer.num_heads], dim=-1)
-
-    def _mamba_output(self, y, z, mixer):
-        inner = mixer.num_heads * mixer.head_dim
-        y = gated_rms_norm_torch(y.reshape(*z.shape[:2], inner), z, mixer.norm.weight, mixer.norm.variance_epsilon,
-                                 inner // mixer.n_groups)
-        return F.linear(y, mixer.out_proj.weight)
+    def _attend(self, q, k, v, mixer, causal: bool):
+        group = q.shape[1] // k.shape[1]  # repeated, not enable_gqa: the exporter's attention has no GQA form
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+                                             is_causal=causal)
+        return attention_out(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1), mixer)
 
     def _logits(self, x):
         return F.linear(rms_norm_torch(x, self.model.model.norm_f.weight, self.eps)[0], self.model.lm_head.weight)
@@ -123,27 +109,25 @@ class HybridPrefill(_Hybrid):
             h = rms_norm_torch(x, layer.norm.weight, self.eps)[0]
             mixer = layer.mixer
             if kind == MAMBA:
-                z, xbc, dt = self._mamba_input(h, mixer)
-                width = mixer.conv_kernel_size - 1
+                dims = MambaDims.of(mixer)
+                z, xbc, dt = mamba_in_proj(h, mixer)
+                width = dims.kernel - 1
                 window = F.pad(xbc, (0, 0, width, 0))[:, -width:].transpose(1, 2)  # the last inputs, zeros before
                 xbc = causal_conv1d_silu(xbc, mixer.conv1d.weight, mixer.conv1d.bias)
-                inner, bc = mixer.num_heads * mixer.head_dim, mixer.n_groups * mixer.ssm_state_size
-                xs, B, C = xbc.split([inner, bc, bc], dim=-1)
+                xs, B, C = split_xbc(xbc, dims)
                 rows, length = xs.shape[:2]
-                state = torch.zeros(rows, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, device=xs.device)
-                y, final = ssd_scan(xs.reshape(rows, length, mixer.num_heads, -1), dt, -torch.exp(mixer.A_log.float()),
-                                    B.reshape(rows, length, mixer.n_groups, -1), C.reshape(rows, length, mixer.n_groups, -1),
+                state = torch.zeros(rows, dims.heads, dims.head_dim, dims.state, device=xs.device)
+                y, final = ssd_scan(xs.reshape(rows, length, dims.heads, -1), dt, -torch.exp(mixer.A_log.float()),
+                                    B.reshape(rows, length, dims.groups, -1), C.reshape(rows, length, dims.groups, -1),
                                     mixer.D, mixer.dt_bias, state, tuple(mixer.time_step_limit), mixer.chunk_size)
-                out = self._mamba_output(y, z, mixer)
+                out = mamba_out(y.reshape(rows, length, dims.inner), z, mixer, gated_rms_norm_torch)
                 presents += [window, final]
             elif kind == ATTENTION:
-                q, k, v, group = self._qkv(h, mixer)
-                out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1),
-                                                     v.repeat_interleave(group, dim=1), is_causal=True)
-                out = F.linear(out.transpose(1, 2).reshape(*h.shape[:2], -1), mixer.o_proj.weight)
+                q, k, v = qkv(h, mixer)
+                out = self._attend(q, k, v, mixer, causal=True)
                 presents += [k, v]
             elif kind == MLP:
-                out = self._mlp(h, mixer)
+                out = mlp_down(relu2(mlp_up(h, mixer)), mixer)
             else:
                 raise ValueError(f"layer kind {kind!r} has no ONNX form here")
             x = x + out
@@ -162,13 +146,12 @@ class HybridDecode(_Hybrid):
             if kind == MAMBA:
                 conv, ssm = past[cursor], past[cursor + 1]
                 cursor += 2
-                z, xbc, dt = self._mamba_input(h, mixer)
+                dims = MambaDims.of(mixer)
+                z, xbc, dt = mamba_in_proj(h, mixer)
                 window = torch.cat([conv, xbc.transpose(1, 2)], dim=2)  # (batch, channels, kernel)
-                conv_out = (window.float() * mixer.conv1d.weight[:, 0].float()).sum(-1) + mixer.conv1d.bias.float()
-                xbc = F.silu(conv_out).to(h.dtype)
-                inner, bc = mixer.num_heads * mixer.head_dim, mixer.n_groups * mixer.ssm_state_size
-                xs, B, C = xbc.split([inner, bc, bc], dim=-1)
-                rows, heads, groups = xs.shape[0], mixer.num_heads, mixer.n_groups
+                xbc = conv_window(window, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, h.dtype)
+                xs, B, C = split_xbc(xbc, dims)
+                rows, heads, groups = xs.shape[0], dims.heads, dims.groups
                 xs = xs.reshape(rows, heads, -1).float()
                 B = B.reshape(rows, groups, -1).float().repeat_interleave(heads // groups, dim=1)
                 C = C.reshape(rows, groups, -1).float().repeat_interleave(heads // groups, dim=1)
@@ -176,17 +159,16 @@ class HybridDecode(_Hybrid):
                 decay = torch.exp(step * -torch.exp(mixer.A_log.float()))
                 state = ssm * decay[..., None, None] + (step[..., None] * xs)[..., None] * B[:, :, None, :]
                 y = torch.einsum("bhpn,bhn->bhp", state, C) + mixer.D.float()[:, None] * xs
-                out = self._mamba_output(y.to(h.dtype)[:, None], z, mixer)
+                out = mamba_out(y.to(h.dtype).reshape(rows, 1, dims.inner), z, mixer, gated_rms_norm_torch)
                 presents += [window[:, :, 1:], state]
             elif kind == ATTENTION:
                 past_k, past_v = past[cursor], past[cursor + 1]
                 cursor += 2
-                q, k, v, group = self._qkv(h, mixer)
+                q, k, v = qkv(h, mixer)
                 k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-                out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
-                out = F.linear(out.transpose(1, 2).reshape(*h.shape[:2], -1), mixer.o_proj.weight)
+                out = self._attend(q, k, v, mixer, causal=False)
                 presents += [k, v]
             else:
-                out = self._mlp(h, mixer)
+                out = mlp_down(relu2(mlp_up(h, mixer)), mixer)
             x = x + out
         return (self._logits(x), *presents)

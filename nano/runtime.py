@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .compiled import compiled
-from .kernels import Kernels, select_kernels
 from .decoder import Decoder
 from .hardware import prefill_chunk
+from .kernels import Kernels, select_kernels
+from .layers import (KVCache, MambaCache, MambaDims, attention_out, conv_window, mamba_in_proj, mamba_out, mlp_down,
+                     mlp_up, qkv, relu2, split_xbc)
 
 try:
     from torch.nn.attention.bias import causal_lower_right
@@ -64,24 +66,15 @@ class HybridRuntime(Decoder):
         if set(self.pattern) - set("M*-"):
             raise ValueError(f"the fast runtime runs Mamba, attention and MLP layers; pattern {self.pattern!r} has others")
         self.layers = model.model.layers
-        self.caches: list[dict[str, torch.Tensor]] = []
+        self.caches: list[MambaCache | KVCache | None] = []
         for kind, layer in zip(self.pattern, self.layers):
-            mixer = layer.mixer
             if kind == "M":
-                conv_dim = mixer.conv1d.weight.shape[0]
-                self.caches.append({
-                    "conv": torch.zeros(rows, conv_dim, mixer.conv_kernel_size - 1, dtype=self.dtype, device=self.device),
-                    "ssm": torch.zeros(rows, mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, dtype=ssm_dtype, device=self.device),
-                    "A": -torch.exp(mixer.A_log.detach().float()),  # computed once, not per token
-                })
+                self.caches.append(MambaCache.empty(layer.mixer, rows, self.dtype, ssm_dtype, self.device))
             elif kind == "*":
-                shape = (rows, config.num_key_value_heads, capacity, mixer.head_dim)
-                self.caches.append({
-                    "k": torch.zeros(shape, dtype=self.dtype, device=self.device),
-                    "v": torch.zeros(shape, dtype=self.dtype, device=self.device),
-                })
+                self.caches.append(KVCache.empty(layer.mixer, config.num_key_value_heads, rows, capacity, self.dtype,
+                                                 self.device))
             else:
-                self.caches.append({})
+                self.caches.append(None)
         self.position = torch.zeros((), dtype=torch.long, device=self.device)  # where the next token goes
         self.start = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's first real token
         self.padded = False
@@ -90,69 +83,60 @@ class HybridRuntime(Decoder):
 
     # The layers.
 
-    def _mamba(self, x, mixer, cache, keep=None):
+    def _mamba(self, x, mixer, cache: MambaCache, keep=None):
         """A Mamba2 mixer over x (rows, T, hidden); `keep` (rows, T) zeroes padded positions."""
         rows, length, _ = x.shape
-        heads, p, n, groups = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, mixer.n_groups
-        inner = heads * p
+        dims = MambaDims.of(mixer)
+        heads, p, n, groups = dims.heads, dims.head_dim, dims.state, dims.groups
         if keep is not None:
             x = x * keep[..., None].to(x.dtype)
-        z, xbc, dt = F.linear(x, mixer.in_proj.weight, mixer.in_proj.bias).split(
-            [inner, mixer.conv_dim, heads], dim=-1
-        )
+        z, xbc, dt = mamba_in_proj(x, mixer)
         if self._tap is not None:
-            self._tap("mamba_x", xbc[..., :inner])
-        A = cache["A"]
+            self._tap("mamba_x", xbc[..., : dims.inner])
         if length == 1:
             step = compiled(_conv_step) if x.is_cuda else _conv_step
-            xbc = step(cache["conv"], xbc[:, 0], mixer.conv1d.weight[:, 0], mixer.conv1d.bias)[:, None]
+            xbc = step(cache.conv, xbc[:, 0], mixer.conv1d.weight[:, 0], mixer.conv1d.bias)[:, None]
         else:
-            window = torch.cat([cache["conv"], xbc.transpose(1, 2)], dim=2)
-            cache["conv"].copy_(window[:, :, 1 - mixer.conv_kernel_size :])
-            xbc = F.silu(F.conv1d(window, mixer.conv1d.weight, mixer.conv1d.bias, groups=mixer.conv_dim)).transpose(1, 2)
+            window = torch.cat([cache.conv, xbc.transpose(1, 2)], dim=2)
+            cache.conv.copy_(window[:, :, 1 - dims.kernel :])
+            xbc = F.silu(F.conv1d(window, mixer.conv1d.weight, mixer.conv1d.bias, groups=dims.conv_dim)).transpose(1, 2)
             if keep is not None:
                 xbc = xbc * keep[..., None].to(xbc.dtype)
-        xs, B, C = xbc.split([inner, groups * n, groups * n], dim=-1)
+        xs, B, C = split_xbc(xbc, dims)
         if length == 1:
             y = self.kernels.state_update(
-                cache["ssm"], xs.reshape(rows, heads, p), dt[:, 0], A, B.reshape(rows, groups, n),
+                cache.ssm, xs.reshape(rows, heads, p), dt[:, 0], cache.A, B.reshape(rows, groups, n),
                 C.reshape(rows, groups, n), mixer.D, mixer.dt_bias,
             )
         else:
             y, final = self.kernels.chunk_scan(
-                xs.reshape(rows, length, heads, p), dt, A, B.reshape(rows, length, groups, n),
-                C.reshape(rows, length, groups, n), mixer.D, mixer.dt_bias, cache["ssm"],
+                xs.reshape(rows, length, heads, p), dt, cache.A, B.reshape(rows, length, groups, n),
+                C.reshape(rows, length, groups, n), mixer.D, mixer.dt_bias, cache.ssm,
                 dt_limit=tuple(getattr(mixer, "time_step_limit", (0.0, math.inf))), chunk_size=mixer.chunk_size,
             )
-            cache["ssm"].copy_(final)
-        y = self.kernels.gated_rms_norm(
-            y.reshape(rows, length, inner), z, mixer.norm.weight, mixer.norm.variance_epsilon, inner // groups
-        )
-        return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias)
+            cache.ssm.copy_(final)
+        return mamba_out(y.reshape(rows, length, dims.inner), z, mixer, self.kernels.gated_rms_norm)
 
-    def _attention(self, x, attn, cache, begin: int | None, valid=None):
+    def _attention(self, x, attn, cache: KVCache, begin: int | None, valid=None):
         """GQA attention over the cache; `begin` is the chunk's first position (None: one decode token,
         with `valid` (rows, capacity) marking the cache slots it may attend to)."""
         rows, length, _ = x.shape
-        d, kv = attn.head_dim, cache["k"].shape[1]
-        heads = attn.q_proj.weight.shape[0] // d
-        q = F.linear(x, attn.q_proj.weight).view(rows, length, heads, d).transpose(1, 2)
-        k = F.linear(x, attn.k_proj.weight).view(rows, length, kv, d).transpose(1, 2)
-        v = F.linear(x, attn.v_proj.weight).view(rows, length, kv, d).transpose(1, 2)
+        q, k, v = qkv(x, attn)
+        heads, kv, d = q.shape[1], k.shape[1], attn.head_dim
         if begin is None:
             index = self.position.view(1)
-            cache["k"].index_copy_(2, index, k)
-            cache["v"].index_copy_(2, index, v)
+            cache.k.index_copy_(2, index, k)
+            cache.v.index_copy_(2, index, v)
             # The query heads sharing a KV head attend as a group, no copy of the cache per query head;
             # plain matmuls, since fused attention kernels are built for many queries, not one.
-            scores = torch.matmul(q.reshape(rows, kv, heads // kv, d), cache["k"].transpose(2, 3)) * d**-0.5
+            scores = torch.matmul(q.reshape(rows, kv, heads // kv, d), cache.k.transpose(2, 3)) * d**-0.5
             scores = scores.float().masked_fill_(~valid[:, None, None, :], float("-inf"))
-            out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), cache["v"]).reshape(rows, 1, heads * d)
+            out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), cache.v).reshape(rows, 1, heads * d)
         else:
             end = begin + length
-            cache["k"][:, :, begin:end] = k
-            cache["v"][:, :, begin:end] = v
-            keys, values = cache["k"][:, :, :end], cache["v"][:, :, :end]
+            cache.k[:, :, begin:end] = k
+            cache.v[:, :, begin:end] = v
+            keys, values = cache.k[:, :, :end], cache.v[:, :, :end]
             if self.padded or (begin > 0 and causal_lower_right is None):
                 key_pos = torch.arange(end, device=x.device)
                 query_pos = torch.arange(begin, end, device=x.device)
@@ -171,14 +155,14 @@ class HybridRuntime(Decoder):
             out = out.transpose(1, 2).reshape(rows, length, heads * d)
         if self._tap is not None:
             self._tap("attention", out)
-        return F.linear(out, attn.o_proj.weight)
+        return attention_out(out, attn)
 
     def _mlp(self, x, mlp):
-        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-        act = (compiled(_relu2) if up.is_cuda and up.shape[1] == 1 else _relu2)(up)
+        up = mlp_up(x, mlp)
+        act = (compiled(relu2) if up.is_cuda and up.shape[1] == 1 else relu2)(up)
         if self._tap is not None:
             self._tap("mlp", act)
-        return F.linear(act, mlp.down_proj.weight, mlp.down_proj.bias)
+        return mlp_down(act, mlp)
 
     def _forward(self, hidden, begin: int | None, keep=None):
         """All layers over hidden (rows, T, hidden); returns the final-normed last position (rows, hidden)."""
@@ -254,8 +238,7 @@ class HybridRuntime(Decoder):
             self._tap = tap
             try:
                 if kind == "M":
-                    cache["conv"].zero_()
-                    cache["ssm"].zero_()
+                    cache.reset()
                     out = self._mamba(normed, layer.mixer, cache)
                 elif kind == "*":
                     out = self._attention(normed, layer.mixer, cache, 0)
@@ -286,14 +269,7 @@ def _conv_step(state, x, weight, bias):
     """One step of the Mamba conv: slide the window (state: the last kernel-1 inputs) by x, apply."""
     window = torch.cat([state, x[..., None]], dim=-1)
     state.copy_(window[..., 1:])
-    out = (window.float() * weight.float()).sum(-1)
-    if bias is not None:
-        out = out + bias.float()
-    return F.silu(out).to(x.dtype)
-
-
-def _relu2(x):
-    return torch.relu(x).square()
+    return conv_window(window, weight, bias, x.dtype)
 
 
 class _GraphedStep:

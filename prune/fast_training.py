@@ -21,33 +21,27 @@ import torch
 
 from nano.compiled import compiled
 from nano.kernels import Kernels, causal_conv1d_silu, rms_norm_torch, select_kernels
+from nano.layers import MambaDims, mamba_in_proj, mamba_out, mlp_down, mlp_up, relu2, split_xbc
 
 
 def mamba_forward(mixer, hidden_states: torch.Tensor, kernels: Kernels) -> torch.Tensor:
     """transformers' NemotronHMamba2Mixer over (batch, T, hidden), no cache, no padding."""
     batch, length, _ = hidden_states.shape
-    heads, p, groups = mixer.num_heads, mixer.head_dim, mixer.n_groups
-    inner, bc = heads * p, groups * mixer.ssm_state_size
-    z, xbc, dt = mixer.in_proj(hidden_states).split([inner, mixer.conv_dim, heads], dim=-1)
+    dims = MambaDims.of(mixer)
+    z, xbc, dt = mamba_in_proj(hidden_states, mixer)
     xbc = _maybe_compiled(causal_conv1d_silu, xbc)(xbc, mixer.conv1d.weight, mixer.conv1d.bias)
-    x, B, C = xbc.split([inner, bc, bc], dim=-1)
+    x, B, C = split_xbc(xbc, dims)
     y, _ = kernels.chunk_scan(
-        x.reshape(batch, length, heads, p), dt, -torch.exp(mixer.A_log.float()),
-        B.reshape(batch, length, groups, -1), C.reshape(batch, length, groups, -1), mixer.D, mixer.dt_bias, None,
-        dt_limit=tuple(mixer.time_step_limit), chunk_size=mixer.chunk_size,
+        x.reshape(batch, length, dims.heads, dims.head_dim), dt, -torch.exp(mixer.A_log.float()),
+        B.reshape(batch, length, dims.groups, -1), C.reshape(batch, length, dims.groups, -1), mixer.D, mixer.dt_bias,
+        None, dt_limit=tuple(mixer.time_step_limit), chunk_size=mixer.chunk_size,
     )
-    y = kernels.gated_rms_norm(y.reshape(batch, length, inner), z, mixer.norm.weight, mixer.norm.variance_epsilon,
-                               inner // groups)
-    return mixer.out_proj(y)
+    return mamba_out(y.reshape(batch, length, dims.inner), z, mixer, kernels.gated_rms_norm)
 
 
 def rms_norm(x, weight, eps: float):
     """transformers' NemotronHRMSNorm (the weight applied in fp32, the result in x's dtype)."""
     return rms_norm_torch(x, weight, eps)[0]
-
-
-def relu_squared(x):
-    return torch.relu(x).square()
 
 
 def _maybe_compiled(fn, x: torch.Tensor):
@@ -76,8 +70,8 @@ def use_fast_training(model, kernels: Kernels | None = None) -> str:
                 continue
 
             def forward(self, x):
-                up = self.up_proj(x)
-                return self.down_proj(_maybe_compiled(relu_squared, up)(up))
+                up = mlp_up(x, self)
+                return mlp_down(_maybe_compiled(relu2, up)(up), self)
         else:
             continue
         module._transformers_forward = module.forward
