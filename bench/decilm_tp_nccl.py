@@ -25,7 +25,7 @@ from nano.tiny import build_tiny_decilm_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the reference twin and the block layout live with the tests
 
-from decilm_reference import reference_logits  # noqa: E402
+from twins.decilm import reference_logits  # noqa: E402
 from test_decilm_tp import TP_BLOCKS  # noqa: E402
 
 

@@ -9,7 +9,8 @@ running that `__init__`, and leaves `sys.modules` as it found it, so transformer
 path stays what it was.
 
 Every kernel has a PyTorch twin here, written for clarity; the twins run on the CPU and are what
-the kernels are tested against.
+the kernels are tested against. The scan's slowest twin, one position at a time, is in the tests
+(tests/twins/scan.py).
 """
 
 from __future__ import annotations
@@ -65,25 +66,6 @@ def causal_conv1d_silu(x, weight, bias):
 def _discretize(dt, dt_bias, dt_limit):
     dt = F.softplus(dt.float() + dt_bias.float())
     return dt.clamp(min=dt_limit[0], max=dt_limit[1])
-
-
-def chunk_scan_sequential(x, dt, A, B, C, D, dt_bias, initial_state, dt_limit=(0.0, math.inf), chunk_size=None):
-    """The Mamba2 scan one position at a time: the obvious form every faster scan must match.
-
-    x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n), D (h,), initial_state (b, h, p, n)
-    in fp32. Returns y (b, l, h, p) in x's dtype and the final state (fp32).
-    """
-    heads, groups = x.shape[2], B.shape[2]
-    dt = _discretize(dt, dt_bias, dt_limit)
-    B = B.float().repeat_interleave(heads // groups, dim=2)
-    C = C.float().repeat_interleave(heads // groups, dim=2)
-    state = initial_state.float().clone()
-    ys = []
-    for t in range(x.shape[1]):
-        decay = torch.exp(dt[:, t] * A.float())  # (b, h)
-        state = state * decay[..., None, None] + (dt[:, t, :, None] * x[:, t].float())[..., None] * B[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]) + D.float()[:, None] * x[:, t].float())
-    return torch.stack(ys, dim=1).to(x.dtype), state
 
 
 def chunk_scan_torch(x, dt, A, B, C, D, dt_bias, initial_state, dt_limit=(0.0, math.inf), chunk_size=64):

@@ -1,4 +1,4 @@
-"""Tiny NemotronH checkpoints built on the spot (for tests), and the tokenizer nano-tiny uses.
+"""Tiny checkpoints built on the spot (to try a pipeline offline, and for the tests), and nano-tiny's tokenizer.
 
 The tokenizer is byte-level (every text encodes, every id decodes) with the special tokens of the
 Nano 2 chat format; the chat template follows Nano 2's. The model has all three layer kinds in a

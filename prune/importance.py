@@ -16,9 +16,8 @@ moves, KL(original || with that layer removed) per token, or the LM loss with it
 lowest-scoring layer goes, and the scores are taken again on the model without it, greedily,
 until the target depth is reached.
 
-The fast path runs the layers through `nano.runtime.HybridRuntime` (Triton kernels on a GPU);
-`width_importance_reference` and `rank_layers_reference` are the same measures through
-transformers' own forward with hooks, the slow twins the tests hold the fast path to.
+The layers run through `nano.runtime.HybridRuntime` (Triton kernels on a GPU); the tests hold both
+measures to slow twins through transformers' own forward with hooks (tests/twins/importance.py).
 """
 
 from __future__ import annotations
@@ -110,35 +109,6 @@ def width_importance(model, tokens: torch.Tensor, batch_size: int = 8, progress:
             runtime.run_layers(model.model.embeddings(batch), layers, observe=sums)
             sums.samples += batch.shape[0]
             bar.update(batch.shape[0])
-    return sums.importance(model)
-
-
-@torch.no_grad()
-def width_importance_reference(model, tokens: torch.Tensor, batch_size: int = 8) -> Importance:
-    """`width_importance` through transformers' forward and module hooks: the slow twin."""
-    device = next(model.parameters()).device
-    sums = _Sums()
-    hooks = []
-    pattern = model.config.hybrid_override_pattern
-    for i, (kind, layer) in enumerate(zip(pattern, model.model.layers)):
-        hooks.append(layer.norm.register_forward_hook(lambda m, a, out, i=i: sums(i, "norm", out)))
-        mixer = layer.mixer
-        if kind == MAMBA:
-            inner = mixer.num_heads * mixer.head_dim
-            hooks.append(mixer.in_proj.register_forward_hook(
-                lambda m, a, out, i=i, inner=inner: sums(i, "mamba_x", out[..., inner : 2 * inner])
-            ))
-        elif kind == ATTENTION:
-            hooks.append(mixer.o_proj.register_forward_pre_hook(lambda m, a, i=i: sums(i, "attention", a[0])))
-        elif kind == MLP:
-            hooks.append(mixer.down_proj.register_forward_pre_hook(lambda m, a, i=i: sums(i, "mlp", a[0])))
-    try:
-        for batch in _batches(tokens, batch_size):
-            model(input_ids=batch.to(device), use_cache=False)
-            sums.samples += batch.shape[0]
-    finally:
-        for hook in hooks:
-            hook.remove()
     return sums.importance(model)
 
 
@@ -254,33 +224,3 @@ def rank_layers(model, tokens: torch.Tensor, remove, metric: str = "kl", batch_s
         return _steps(pattern, remove, score_round)
     finally:
         bar.close()
-
-
-@torch.no_grad()
-def rank_layers_reference(model, tokens: torch.Tensor, remove, metric: str = "kl", batch_size: int = 2) -> list[LayerStep]:
-    """`rank_layers` through transformers' forward, each candidate a model with its layers taken
-    out of the layer list: the slow twin."""
-    pattern = model.config.hybrid_override_pattern
-    device = next(model.parameters()).device
-    layers = model.model.layers
-    batches = [b.to(device) for b in _batches(tokens, batch_size)]
-    count = sum(b.numel() for b in batches)
-
-    def normed(batch, keep):
-        model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
-        try:
-            return model.model(input_ids=batch, use_cache=False).last_hidden_state
-        finally:
-            model.model.layers = layers
-
-    references = [normed(b, range(len(pattern))) for b in batches]
-
-    def score_round(removed, candidates):
-        scores = {}
-        for i in candidates:
-            keep = [j for j in range(len(pattern)) if j not in removed and j != i]
-            total = sum(_distance(model, normed(b, keep), r, b, metric).item() for b, r in zip(batches, references))
-            scores[i] = total / count
-        return scores
-
-    return _steps(pattern, remove, score_round)

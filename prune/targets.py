@@ -113,10 +113,10 @@ def preset(name: str, config) -> Sizes:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     shape = PRESETS[name]
-    for field in _MUST_MATCH:
-        teacher = getattr(config, field, None)
-        if teacher != shape[field]:
-            raise ValueError(f"preset {name!r} needs {field}={shape[field]}; the teacher has {field}={teacher}")
+    for key in _MUST_MATCH:
+        teacher = getattr(config, key, None)
+        if teacher != shape[key]:
+            raise ValueError(f"preset {name!r} needs {key}={shape[key]}; the teacher has {key}={teacher}")
     teacher_pattern, target_pattern = config.hybrid_override_pattern, shape["hybrid_override_pattern"]
     remove = []
     for kind in KINDS:
@@ -124,11 +124,9 @@ def preset(name: str, config) -> Sizes:
         if want > have:
             raise ValueError(f"preset {name!r} has {want} layers of kind {kind!r}; the teacher has only {have}")
         remove.append((kind, have - want))
-    for field, value in (("hidden_size", shape["hidden_size"]), ("intermediate_size", shape["intermediate_size"]),
-                         ("mamba_num_heads", shape["mamba_num_heads"]),
-                         ("num_attention_heads", shape["num_attention_heads"])):
-        if value > getattr(config, field):
-            raise ValueError(f"preset {name!r} has {field}={value}, more than the teacher's {getattr(config, field)}")
+    for key in ("hidden_size", "intermediate_size", "mamba_num_heads", "num_attention_heads"):
+        if shape[key] > getattr(config, key):
+            raise ValueError(f"preset {name!r} has {key}={shape[key]}, more than the teacher's {getattr(config, key)}")
     return Sizes(
         hidden=shape["hidden_size"],
         ffn=shape["intermediate_size"],

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # the test helpers (scripted.py, budget_spec.py)
+sys.path.insert(0, os.path.dirname(__file__))  # the test helpers (scripted.py, twins/, ...)
 
 
 @pytest.fixture(scope="session")

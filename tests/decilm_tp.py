@@ -17,7 +17,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from decilm_reference import _frequencies
+from twins.decilm import _frequencies
 
 
 def _norm(x, weight, eps):

@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budget_spec import SpecRow
-from nano.budget import ANSWER, CONTROL, END, PAD, REASONING, BudgetController, default_grace
+from nano.budget import ANSWER, CONTROL, END, PAD, REASONING, BudgetController, BudgetRow, default_grace
 from scripted import A, B, CLOSE, EOS, NL, OPEN, SPACE, TOKENIZER, X, ScriptedModel, sequence
 
 MODEL = ScriptedModel()
@@ -53,7 +52,7 @@ def run_fast(rows):
 
 
 def run_spec(r):
-    spec = SpecRow(THINK, set(LINE_END.tolist()), r["budget"], r["grace"], r["thinking"], r["max_new"])
+    spec = BudgetRow(THINK, set(LINE_END.tolist()), r["budget"], r["grace"], r["thinking"], r["max_new"])
     tokens, kinds = [], []
     for proposed in r["proposals"]:
         t, k = spec.step(proposed if spec.allowed(proposed) else X)

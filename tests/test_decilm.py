@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from decilm_reference import reference_logits
+from twins.decilm import reference_logits
 from safetensors.torch import load_file, save_file
 
 import nano
@@ -121,7 +121,7 @@ def test_tiny_config_is_what_the_builder_writes(folder):
 
 
 def test_rope_frequencies_follow_llama_3_1_in_all_three_bands():
-    from decilm_reference import _frequencies
+    from twins.decilm import _frequencies
 
     from nano.decilm import rope_frequencies
 

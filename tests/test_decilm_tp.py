@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from decilm_reference import reference_logits
+from twins.decilm import reference_logits
 from decilm_tp import in_one_process
 from safetensors.torch import load_file
 

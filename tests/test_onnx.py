@@ -21,10 +21,10 @@ pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscr
 
 import nano  # noqa: E402
 from nano.cli import main  # noqa: E402
-from nano.kernels import chunk_scan_sequential  # noqa: E402
 from nano.tiny import build_tiny_checkpoint  # noqa: E402
 from export.onnx import greedy, onnx_sessions  # noqa: E402
 from export.onnx_model import ssd_scan  # noqa: E402
+from twins.scan import chunk_scan_sequential  # noqa: E402
 
 FP32_TOLERANCE, FP16_TOLERANCE = 1e-4, 5e-2
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}

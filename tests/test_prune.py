@@ -17,15 +17,14 @@ from nano.data import token_samples
 from prune.importance import (
     Importance,
     rank_layers,
-    rank_layers_reference,
     width_importance,
-    width_importance_reference,
 )
 from prune.pipeline import prune
 from prune.search import Budget
 from prune.slicing import slice_model
 from prune.targets import Plan
 from prune.targets import Sizes, preset
+from twins.importance import rank_layers_reference, width_importance_reference
 
 PATTERN = "M-M*-M-M*-M-"
 SHAPE = dict(hybrid_override_pattern=PATTERN, hidden_size=64, intermediate_size=128, mamba_num_heads=8,

@@ -8,7 +8,8 @@ import torch
 
 import nano
 from nano.tiny import build_tiny_checkpoint
-from prune.importance import rank_layers, rank_layers_reference, width_importance, width_importance_reference
+from prune.importance import rank_layers, width_importance
+from twins.importance import rank_layers_reference, width_importance_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -13,7 +13,6 @@ import torch
 import nano
 from nano.kernels import (
     causal_conv1d_silu,
-    chunk_scan_sequential,
     chunk_scan_torch,
     gated_rms_norm_torch,
     load_mamba_ssm,
@@ -21,6 +20,7 @@ from nano.kernels import (
     state_update_torch,
 )
 from nano.runtime import HybridRuntime
+from twins.scan import chunk_scan_sequential
 
 
 def scan_inputs(rows=2, length=37, heads=4, p=8, groups=2, n=16, seed=0):

@@ -10,7 +10,6 @@ import torch
 
 import nano
 from nano.kernels import (
-    chunk_scan_sequential,
     gated_rms_norm_torch,
     load_mamba_ssm,
     rms_norm_torch,
@@ -19,6 +18,7 @@ from nano.kernels import (
     triton_kernels,
 )
 from nano.runtime import HybridRuntime
+from twins.scan import chunk_scan_sequential
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
