@@ -219,6 +219,35 @@ def add_plan(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from .tokenize import tokenize
+
+    quiet_transformers()
+    report = tokenize(args.tokenizer, args.data, args.out, field=args.field, split=args.split, workers=args.workers,
+                      overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(f"{report.prefix}.bin, .idx: {report.documents:,} documents, {report.tokens:,} tokens ({report.dtype}), "
+          f"in {report.seconds:.1f} s with {report.workers} workers ({report.tokens_per_second:,.0f} tokens/s); "
+          f"manifest {report.prefix}.json")
+    return 0
+
+
+def add_tokenize(sub) -> None:
+    p = sub.add_parser("tokenize", help="text to a token store on disk (Megatron's indexed format) for distill and prune",
+                       description="Tokenize documents in worker processes, each followed by the EOS token, into "
+                       "OUT.bin + OUT.idx (the format of Megatron's indexed datasets, read by memory map by "
+                       "`nanokit distill --data` and `nanokit prune --calib`), with OUT.json describing it. "
+                       "Written atomically: a run that does not finish leaves no OUT.idx.")
+    p.add_argument("--tokenizer", required=True, help="a checkpoint or tokenizer folder, or a shipped model's name")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="text files or folders of them, jsonl, parquet, or a Hugging Face datasets folder (save_to_disk)")
+    p.add_argument("--out", required=True, help="the store's prefix: writes OUT.bin, OUT.idx and OUT.json")
+    p.add_argument("--field", default="text", help="the jsonl field or the parquet/dataset column (default: text)")
+    p.add_argument("--split", default="train", help="the split of a DatasetDict folder (default: train)")
+    p.add_argument("--workers", type=whole_number(1), help="tokenizer processes (default: one per CPU core)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store already at OUT")
+    p.set_defaults(func=cmd_tokenize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanokit",
@@ -227,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
     add_plan(sub)
+    add_tokenize(sub)
     for entry in entry_points(group="nanokit.commands"):
         entry.load()(sub)
     return parser

@@ -250,7 +250,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from nano.checkpoint import write_checkpoint
     from nano.shipped import resolve
     from nano.cli import quiet_transformers
-    from nano.data import token_samples
+    from nano.samples import Blend
+
     from .distill import DistillConfig, distill, full_state_dict
 
     out = Path(args.out)
@@ -269,16 +270,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     steps = args.tokens // (args.batch_size * args.seq_len)
     if steps < 1:
         raise ValueError(f"--tokens {args.tokens} is less than one step of {args.batch_size} x {args.seq_len} tokens")
-    eval_samples = args.eval_samples if args.eval_data is None else 0
-    tokens = token_samples(args.data, student.tokenizer, samples=steps * args.batch_size + eval_samples,
-                           length=args.seq_len)
-    if args.eval_data is not None:
-        train, held = tokens, token_samples(args.eval_data, student.tokenizer, args.eval_samples, args.seq_len)
-    elif tokens.shape[0] > eval_samples:
-        train, held = tokens[:-eval_samples], tokens[-eval_samples:]
-    else:
-        raise ValueError(f"{args.data}: {tokens.shape[0]} samples of {args.seq_len} tokens; more than "
-                         f"--eval-samples {eval_samples} are needed (or give --eval-data)")
+    train, held = _training_data(args, student.tokenizer, steps * args.batch_size)
     config = DistillConfig(
         steps=steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay, temperature=args.temperature,
@@ -288,8 +280,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     )
     checkpoints = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".checkpoints")
     if rank == 0:
+        kind = "on disk, read by memory map" if isinstance(train, Blend) else "in memory"
         print(f"distill: {steps} steps of {args.batch_size} x {args.seq_len} tokens on {world} process(es), "
-              f"{train.shape[0]} training samples, {held.shape[0]} held out; checkpoints in {checkpoints}",
+              f"{len(train):,} training samples ({kind}), {held.shape[0]} held out; checkpoints in {checkpoints}",
               file=sys.stderr)
     history = distill(teacher.model, student.model, train, held, config, checkpoints=checkpoints,
                       resume=args.resume, progress=sys.stderr.isatty())
@@ -298,7 +291,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         dtype = _saved_dtype(student_dir)
         with atomic_dir(out, overwrite=True) as tmp:
             write_checkpoint(tmp, student.model, student.tokenizer, state_dict={k: v.to(dtype) for k, v in state.items()})
-            record = dict(teacher=str(args.teacher), student=str(args.student), data=str(args.data),
+            record = dict(teacher=str(args.teacher), student=str(args.student), data=list(args.data),
+                          blend=train.describe() if isinstance(train, Blend) else None,
                           processes=world, config=config.__dict__, resumed_from=history.resumed_from,
                           steps=history.steps, evals=history.evals)
             (tmp / "distill.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -311,6 +305,27 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_data(args, tokenizer, draws: int):
+    """The training samples (a blend of stores on disk, or a tensor in memory) and the held-out ones."""
+    from nano.data import token_samples
+    from nano.samples import looks_like_blend, open_blend
+
+    held_out = args.eval_samples if args.eval_data is None else 0
+    held = None if args.eval_data is None else token_samples(args.eval_data, tokenizer, args.eval_samples,
+                                                             args.seq_len)
+    if looks_like_blend(args.data):
+        train = open_blend(args.data, args.seq_len, seed=args.seed, held_out=held_out)
+        return train, held if held is not None else train.held_out_samples()
+    data = args.data[0] if len(args.data) == 1 else args.data
+    tokens = token_samples(data, tokenizer, samples=draws + held_out, length=args.seq_len)
+    if held is not None:
+        return tokens, held
+    if tokens.shape[0] <= held_out:
+        raise ValueError(f"{' '.join(args.data)}: {tokens.shape[0]} samples of {args.seq_len} tokens; more than "
+                         f"--eval-samples {held_out} are needed (or give --eval-data)")
+    return tokens[:-held_out], tokens[-held_out:]
+
+
 def add_distill(sub) -> None:
     p = sub.add_parser(
         "distill",
@@ -320,10 +335,14 @@ def add_distill(sub) -> None:
     )
     p.add_argument("--teacher", required=True, help="the teacher checkpoint folder")
     p.add_argument("--student", required=True, help="the student checkpoint folder (e.g. from nanokit prune)")
-    p.add_argument("--data", required=True, help="training text: a folder or file of text, jsonl or parquet, or token ids")
+    p.add_argument("--data", required=True, nargs="+", metavar="DATA",
+                   help="token stores from `nanokit tokenize`, blended by weight (0.7 A 0.3 B; without weights, by "
+                   "size) and read by memory map; or training text read into memory: a folder or file of text, "
+                   "jsonl or parquet, or a .pt/.safetensors of token ids")
     p.add_argument("--tokens", type=_positive, required=True, help="training tokens (steps = tokens / (batch x seq-len))")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--eval-data", help="held-out text (default: the last --eval-samples samples of --data)")
+    p.add_argument("--eval-data", help="held-out text (default: the last --eval-samples samples of --data; of a "
+                   "blend, the last samples of each store, kept out of training)")
     p.add_argument("--eval-samples", type=_positive, default=16)
     p.add_argument("--seq-len", type=_positive, default=4096)
     p.add_argument("--batch-size", type=_positive, default=8, help="sequences per optimizer step, all processes together")

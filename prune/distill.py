@@ -2,8 +2,9 @@
 
 One loop, read top to bottom in `distill`:
 - each optimizer step takes `batch_size` sequences, in micro-batches of `micro_batch` per process,
-  chosen from the step number alone (a fresh permutation of the samples per epoch, seeded), so a
-  resumed run sees exactly the batches an uninterrupted one would;
+  chosen from the step number alone (`nano.samples`: a seeded permutation per epoch of samples in
+  memory, or draws from token stores on disk by memory map), so a resumed run sees exactly the
+  batches an uninterrupted one would, and each process reads only its own sequences;
 - loss: forward KL(teacher || student) at `temperature` (optionally over the teacher's top-k
   logits only), plus `ce_weight` x the next-token loss (0 by default, as in the Minitron recipe);
 - AdamW, linear warm-up then cosine decay, or warmup-stable-decay (WSD);
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from nano.atomic import atomic_dir
 from nano.config import layer_pattern
+from nano.samples import TensorSamples
 
 
 @dataclass
@@ -100,20 +102,6 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def batch_indices(step: int, samples: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The sample indices of optimizer step `step`: consecutive slices of one seeded permutation
-    per epoch, from the step number alone."""
-    out = []
-    position = step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(position, samples)
-        order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        take = order[offset : offset + batch_size - len(out)]
-        out.extend(take.tolist())
-        position += len(take)
-    return torch.tensor(out)
 
 
 def shard(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> None:
@@ -205,9 +193,10 @@ class History:
     resumed_from: int | None = None  # the checkpoint's step, when resumed
 
 
-def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Tensor | None, config: DistillConfig,
+def distill(teacher, student, train_tokens, eval_tokens: torch.Tensor | None, config: DistillConfig,
             checkpoints: str | os.PathLike | None = None, resume: bool = False, progress: bool = False) -> History:
-    """Train `student` (in place) on `teacher`'s logits over `train_tokens` (samples, length);
+    """Train `student` (in place) on `teacher`'s logits over `train_tokens`: a tensor (samples,
+    length), or a sample source read draw by draw (`nano.samples.Blend`: token stores on disk);
     with `teacher=None`, on the next-token loss alone (training from scratch, the baseline).
 
     Run it in one process, or in each process of `torchrun` (after `dist.init_process_group`):
@@ -249,18 +238,19 @@ def distill(teacher, student, train_tokens: torch.Tensor, eval_tokens: torch.Ten
             start_step = state["step"]
             history = History(state["steps"], state["evals"], resumed_from=start_step)
 
-    tokens_per_step = config.batch_size * train_tokens.shape[1]
+    source = TensorSamples(train_tokens, config.seed) if isinstance(train_tokens, torch.Tensor) else train_tokens
+    tokens_per_step = config.batch_size * source.length
     bar = tqdm(total=config.steps, initial=start_step, desc="distill", unit="step", disable=not progress or rank != 0)
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         lr = config.learning_rate(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = batch_indices(step, train_tokens.shape[0], config.batch_size, config.seed)
-        mine = indices[rank * per_process : (rank + 1) * per_process]
+        first = step * config.batch_size + rank * per_process  # this process's draws of the step
         total = torch.zeros((), device=device)
         for micro in range(accumulation):
-            batch = train_tokens[mine[micro * config.micro_batch : (micro + 1) * config.micro_batch]].to(device)
+            start = first + micro * config.micro_batch
+            batch = source.take(range(start, start + config.micro_batch)).to(device)
             with _autocast(device):
                 s_logits = student(input_ids=batch, use_cache=False).logits
             if teacher is None:  # training from scratch: the next-token loss alone

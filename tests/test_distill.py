@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 import nano
 from nano.cli import main
 from nano.tiny import build_tiny_checkpoint
-from prune.distill import DistillConfig, batch_indices, kd_loss
+from nano.samples import TensorSamples
+from prune.distill import DistillConfig, kd_loss
 
 SHAPE = dict(hybrid_override_pattern="M-M*-M-", hidden_size=64, intermediate_size=128, mamba_num_heads=8,
              mamba_head_dim=16, n_groups=2)
@@ -38,6 +39,24 @@ def data():
     import jinja2
 
     return jinja2.__path__[0]
+
+
+@pytest.fixture(scope="module")
+def stores(data, tmp_path_factory):
+    """A blend of two token stores (jinja2's source, split in two) as `--data` words."""
+    from nano.tokenize import tokenize
+
+    root = tmp_path_factory.mktemp("stores")
+    files = sorted(Path(data).rglob("*.py"))
+    tokenize("nano-tiny", files[::2], root / "even", workers=1)
+    tokenize("nano-tiny", files[1::2], root / "odd", workers=1)
+    return ["0.6", str(root / "even"), "0.4", str(root / "odd")]
+
+
+@pytest.fixture(params=["text", "stores"])
+def source(request, data, stores):
+    """Training data read into memory (text), or read by memory map (a blend of stores)."""
+    return [data] if request.param == "text" else stores
 
 
 def test_kd_loss_is_the_forward_kl():
@@ -68,17 +87,32 @@ def test_schedules():
         DistillConfig(steps=1, schedule="linear")
 
 
+def _batch_indices(step: int, samples: int, batch_size: int, seed: int) -> list[int]:
+    """The draws of a step the obvious way: slices of one seeded randperm per epoch."""
+    out, position = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position, samples)
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = order[offset : offset + batch_size - len(out)].tolist()
+        out.extend(take)
+        position += len(take)
+    return out
+
+
 def test_batches_come_from_the_step_number_alone():
-    steps = [batch_indices(s, 10, 4, seed=3) for s in range(5)]
-    assert torch.equal(steps[2], batch_indices(2, 10, 4, seed=3))
-    flat = torch.cat(steps).tolist()
+    source = TensorSamples(torch.arange(10)[:, None].repeat(1, 3), seed=3)
+    steps = [source.indices(range(s * 4, s * 4 + 4)) for s in range(5)]
+    assert steps == [_batch_indices(s, 10, 4, seed=3) for s in range(5)]
+    assert TensorSamples(source.tokens, seed=3).indices(range(8, 12)) == steps[2]  # no state carried over
+    flat = sum(steps, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # epochs
-    assert not torch.equal(torch.cat(steps)[:10], torch.cat(steps)[10:20])  # a new order per epoch
+    assert flat[:10] != flat[10:20]  # a new order per epoch
+    assert torch.equal(source.take(range(4, 8))[:, 0], torch.tensor(steps[1]))
 
 
 def _command(pair, data, out, steps, extra=()):
     teacher, student = pair
-    return ["--teacher", str(teacher), "--student", str(student), "--data", data, "--tokens", str(steps * 4 * 64),
+    return ["--teacher", str(teacher), "--student", str(student), "--data", *data, "--tokens", str(steps * 4 * 64),
             "--seq-len", "64", "--batch-size", "4", "--micro-batch", "2", "--eval-samples", "4",
             "--eval-every", "3", "--save-every", "3", "--out", str(out), "--device", "cpu", *extra]
 
@@ -89,7 +123,8 @@ def _run(args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def test_a_run_killed_and_resumed_ends_bitwise_where_an_uninterrupted_one_does(pair, data, tmp_path):
+def test_a_run_killed_and_resumed_ends_bitwise_where_an_uninterrupted_one_does(pair, source, tmp_path):
+    data = source
     whole = _run(_command(pair, data, tmp_path / "whole", 12))
     assert whole.wait(timeout=600) == 0, whole.stdout.read()
 
@@ -117,7 +152,8 @@ def test_a_run_killed_and_resumed_ends_bitwise_where_an_uninterrupted_one_does(p
 
 @pytest.mark.parametrize("options", [(), ("--replicate-teacher", "--checkpoint-kinds", "M")],
                          ids=["sharded-teacher", "whole-teacher-mamba-recomputed"])
-def test_two_gloo_processes_with_fsdp2_match_one_process(pair, data, tmp_path, options):
+def test_two_gloo_processes_with_fsdp2_match_one_process(pair, source, tmp_path, options):
+    data = source
     one = _run(_command(pair, data, tmp_path / "one", 6))
     assert one.wait(timeout=600) == 0, one.stdout.read()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
