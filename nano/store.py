@@ -19,7 +19,8 @@ int32 otherwise (Megatron's `DType.optimal_dtype`).
 Writing is atomic: both files are written under `.partial` names and renamed into place at the end,
 the index last, so a killed run leaves no PREFIX.idx, and a store without one is not a store.
 Reading maps the files and touches only what is asked for: a sample's tokens are copied out and
-their pages handed back to the kernel, so a process reading a store of any size stays small.
+their pages handed back to the kernel, so a process reading a store of any size stays small; the
+map is marked for random access, since without that every fault reads ahead far past the sample.
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ class TokenStore:
                                  "files are not from the same write")
         self._file = open(bin_, "rb")
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_RANDOM)  # samples are scattered: read-ahead would read megabytes for each
 
     @property
     def lengths(self) -> np.ndarray:
