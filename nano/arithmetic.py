@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 
 OPERATORS = "+-*"
+EVAL_SEED = 20261122  # the evaluation problems' seed (training uses 0 and 1)
 _BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
 
 
@@ -185,3 +186,41 @@ def trace(problem: Problem) -> str:
             tokens[:3] = [result]
         lines.append(("-" if negative else "") + "".join(tokens))
     return "\n".join(lines)
+
+
+def score(model, problems, budget, batch: int = 100, max_new_tokens: int = 4096, answer_room: int | None = 64) -> dict:
+    """The project's own evaluation of `problems` at `budget` through `nano.generate`: accuracy (the
+    answer's last \\boxed{N} is the value), how often it answered, hit the budget, and the tokens
+    spent. With a budget, generation stops at budget + grace + `answer_room` tokens (room for the
+    forced close and a 20-token answer, with margin; None: at `max_new_tokens` only)."""
+    import time
+
+    import nano
+    from nano.budget import default_grace
+
+    answered = hits = reasoning = answer_tokens = 0
+    right = []
+    if budget is not None and answer_room is not None:
+        max_new_tokens = min(max_new_tokens, budget + default_grace(budget) + answer_room)
+    start = time.perf_counter()
+    for i in range(0, len(problems), batch):
+        chunk = problems[i : i + batch]
+        out = nano.generate(model, [p.question for p in chunk], budget=budget, max_new_tokens=max_new_tokens)
+        for p, g in zip(chunk, out):
+            value = boxed(g.answer)
+            answered += value is not None
+            right.append(value == p.value)
+            hits += g.budget_hit
+            reasoning += g.reasoning_tokens
+            answer_tokens += g.answer_tokens
+    n = len(problems)
+    return {
+        "budget": "unlimited" if budget is None else budget,
+        "accuracy": sum(right) / n,
+        "answered": answered / n,
+        "budget_hit": hits / n,
+        "mean_reasoning_tokens": reasoning / n,
+        "mean_answer_tokens": answer_tokens / n,
+        "seconds": round(time.perf_counter() - start, 1),
+        "right": "".join("1" if r else "0" for r in right),  # per problem, for paired comparisons
+    }

@@ -56,6 +56,12 @@ def test_streaming_and_the_thinking_budget(server):
     nvext = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": QUESTIONS[1]}],
                                            extra_body={"nvext": {"max_thinking_tokens": 8}})
     assert nvext.choices[0].message.content.strip() == local.answer.strip()
+    template = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                              extra_body={"chat_template_kwargs": {"thinking_budget": 8}})
+    assert template.choices[0].message.content.strip() == local.answer.strip()
+    disabled = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                              extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert not disabled.choices[0].message.reasoning_content
     off = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": QUESTIONS[1]}],
                                          extra_body={"thinking_budget": 0})
     assert not off.choices[0].message.reasoning_content and off.usage.completion_tokens_details.reasoning_tokens == 0

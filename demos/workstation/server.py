@@ -3,8 +3,10 @@
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (streamed as server-sent events or not),
 `POST /v1/completions`. The reasoning comes back apart from the answer, as vLLM does:
 `message.reasoning_content` (or `delta.reasoning_content` when streaming) and `content`. The thinking
-budget is per request: `thinking_budget` (tokens of reasoning; 0 turns reasoning off) or NVIDIA's
-`nvext: {max_thinking_tokens}`; `thinking_grace` sets the window to finish a line.
+budget is per request: `thinking_budget` (tokens of reasoning; 0 turns reasoning off), the same in
+`chat_template_kwargs` (the form the TensorRT-LLM bundle's hook reads; `enable_thinking: false`
+turns reasoning off), or NVIDIA's `nvext: {max_thinking_tokens}`; `thinking_grace` (top level or
+in `chat_template_kwargs`) sets the window to finish a line.
 
 Requests are batched: one worker thread takes whatever requests are waiting (up to `max_batch`, those
 with the same sampling settings) and runs them as one `nano.generate` batch through the same budget
@@ -154,17 +156,29 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int) -> Ticket:
     nvext = body.get("nvext") or {}
     if not isinstance(nvext, dict):
         raise RequestError("nvext", "must be an object")
+    template = body.get("chat_template_kwargs") or {}  # the form the TensorRT-LLM bundle's hook reads
+    if not isinstance(template, dict):
+        raise RequestError("chat_template_kwargs", "must be an object")
     budget = _number(body, "thinking_budget", None, int, 0)
     if budget is None:
+        budget = _number(template, "thinking_budget", None, int, 0)
+    if budget is None:
         budget = _number(nvext, "max_thinking_tokens", None, int, 0)
+    if budget is None and template.get("enable_thinking") is False:
+        budget = 0
     max_tokens = _number(body, "max_completion_tokens", None, int, 1)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", default_max_tokens, int, 1)
     if body.get("n", 1) != 1:
         raise RequestError("n", f"only 1 is supported, got {body.get('n')!r}")
-    return Ticket(prompt=prompt, budget=budget, grace=_number(body, "thinking_grace", None, int, 0),
+    return Ticket(prompt=prompt, budget=budget, grace=_first(_number(body, "thinking_grace", None, int, 0),
+                                                           _number(template, "thinking_grace", None, int, 0)),
                   max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, float, 0, 2),
                   top_p=_number(body, "top_p", 1.0, float, 0, 1), seed=_number(body, "seed", None, int))
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def memory_in_use(model) -> int:

@@ -23,40 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import nano  # noqa: E402
-from nano.arithmetic import boxed, sample  # noqa: E402
-from nano.budget import default_grace  # noqa: E402
+from nano.arithmetic import EVAL_SEED, sample, score  # noqa: E402
 from bench.record import commit, device_name  # noqa: E402
 
 BUDGETS = [0, 4, 8, 16, 32, 64, 128, None]
-
-
-def evaluate(model, problems, budget, batch: int, max_new_tokens: int) -> dict:
-    answered = hits = reasoning = answer_tokens = 0
-    right = []
-    if budget is not None:  # room for the reasoning, the forced close and a 20-token answer, with margin
-        max_new_tokens = min(max_new_tokens, budget + default_grace(budget) + 64)
-    start = time.perf_counter()
-    for i in range(0, len(problems), batch):
-        chunk = problems[i : i + batch]
-        out = nano.generate(model, [p.question for p in chunk], budget=budget, max_new_tokens=max_new_tokens)
-        for p, g in zip(chunk, out):
-            value = boxed(g.answer)
-            answered += value is not None
-            right.append(value == p.value)
-            hits += g.budget_hit
-            reasoning += g.reasoning_tokens
-            answer_tokens += g.answer_tokens
-    n = len(problems)
-    return {
-        "budget": "unlimited" if budget is None else budget,
-        "accuracy": sum(right) / n,
-        "answered": answered / n,
-        "budget_hit": hits / n,
-        "mean_reasoning_tokens": reasoning / n,
-        "mean_answer_tokens": answer_tokens / n,
-        "seconds": round(time.perf_counter() - start, 1),
-        "right": "".join("1" if r else "0" for r in right),  # per problem, for paired comparisons
-    }
 
 
 def mcnemar(a: str, b: str) -> dict:
@@ -104,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", required=True, help="NAME=DIR, once per model")
     parser.add_argument("--problems", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=20261122, help="problem seed (training uses 0 and 1)")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="problem seed (training uses 0 and 1)")
     parser.add_argument("--budgets", default=",".join("none" if b is None else str(b) for b in BUDGETS))
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=4096)
@@ -126,7 +96,7 @@ def main() -> None:
         model = nano.load(folder, device=args.device, dtype=args.dtype)
         results[name] = []
         for budget in budgets:
-            row = evaluate(model, problems, budget, args.batch, args.max_new_tokens)
+            row = score(model, problems, budget, args.batch, args.max_new_tokens)
             results[name].append(row)
             print(f"{name:>17} budget {str(row['budget']):>9}: accuracy {100 * row['accuracy']:5.1f}%  "
                   f"answered {100 * row['answered']:5.1f}%  cut {100 * row['budget_hit']:5.1f}%  "
