@@ -177,5 +177,6 @@ def _pack(documents, tokenizer, samples: int, length: int, source: str) -> torch
         if len(out) == samples:
             break
     if not out:
-        raise ValueError(f"{source}: the text makes fewer than {length} tokens, not even one sample")
+        raise ValueError(f"{source}: the text makes {len(buffer)} tokens (an end-of-sequence token after each "
+                         f"document included), fewer than length={length}: not even one sample")
     return torch.stack(out)

@@ -116,6 +116,10 @@ class MambaCache:
         self.conv.zero_()
         self.ssm.zero_()
 
+    def first(self, rows: int) -> MambaCache:
+        """The state of the first `rows` sequences, a view: one cache serves calls of fewer rows."""
+        return self if rows == self.conv.shape[0] else MambaCache(self.conv[:rows], self.ssm[:rows], self.A)
+
 
 @dataclass
 class KVCache:
@@ -128,3 +132,7 @@ class KVCache:
     def empty(cls, attn, kv_heads: int, rows: int, capacity: int, dtype, device) -> KVCache:
         shape = (rows, kv_heads, capacity, attn.head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def first(self, rows: int) -> KVCache:
+        """The keys and values of the first `rows` sequences, a view (see `MambaCache.first`)."""
+        return self if rows == self.k.shape[0] else KVCache(self.k[:rows], self.v[:rows])

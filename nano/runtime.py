@@ -220,17 +220,20 @@ class HybridRuntime(Decoder):
 
         `stream` (rows, T, hidden) enters the first of `layers` at position 0: the embeddings, or
         the stream some earlier call returned. Layers left out of `layers` are skipped, as if
-        removed from the model. `observe(index, name, tensor)` sees, per layer: "norm" (the
-        layer's normalised input), "mamba_x" (the x part of a Mamba input projection, before the
-        conv), "attention" (the heads' output, before o_proj), "mlp" (after the squared ReLU).
+        removed from the model. `stream` may have fewer rows than the runtime (the first rows of
+        its caches serve), so that one runtime runs groups of any size up to `rows`.
+        `observe(index, name, tensor)` sees, per layer: "norm" (the layer's normalised input),
+        "mamba_x" (the x part of a Mamba input projection, before the conv), "attention" (the
+        heads' output, before o_proj), "mlp" (after the squared ReLU).
         """
         rows, length, _ = stream.shape
-        if rows != self.rows or length >= self.capacity:
+        if rows > self.rows or length >= self.capacity:
             raise ValueError(f"{rows} x {length} tokens do not fit {self.rows} rows x {self.capacity}")
         self.padded = False
         self.start.zero_()
         for index in layers:
             kind, layer, cache = self.pattern[index], self.layers[index], self.caches[index]
+            cache = cache.first(rows) if cache is not None else None
             tap = None if observe is None else (lambda name, tensor, i=index: observe(i, name, tensor))
             normed, _ = self.kernels.rms_norm(stream, layer.norm.weight, self.eps)
             if tap is not None:

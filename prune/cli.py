@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -121,6 +122,51 @@ def _dry_run(args, config, target) -> int:
     return 0
 
 
+_SHORT_TEXT = re.compile(r"the text makes (\d+) tokens")
+
+
+def _calibration(args, tokenizer):
+    """The calibration samples. Text too short for one sample is refused with the numbers that would
+    do, and fewer samples than --samples is said on stderr: either way the user learns it now, not
+    from scores taken on less data than asked for. How many tokens short text made, `nano.data`
+    says in its message (`_SHORT_TEXT`); tests/test_prune_speed.py holds the two to each other."""
+    from nano.data import token_samples
+
+    try:
+        tokens = token_samples(args.calib, tokenizer, args.samples, args.length)
+    except ValueError as e:
+        short = _SHORT_TEXT.search(str(e))
+        if short is None:
+            raise
+        raise ValueError(_short_text_advice(args, int(short.group(1)))) from None
+    if len(tokens) == 0:
+        raise ValueError(f"{args.calib}: no sample of --length {args.length} tokens; lower --length or give "
+                         "more data")
+    if len(tokens) < args.samples:
+        print(_fewer_samples_warning(args, len(tokens)), file=sys.stderr)
+    return tokens
+
+
+def _short_text_advice(args, made: int) -> str:
+    """The options, in numbers, when the text makes `made` tokens, fewer than one sample."""
+    options = []
+    if made // args.samples >= 2:
+        options.append(f"a lower --length: --length {made // args.samples} gives all {args.samples} samples")
+    if made >= 2:
+        options.append(f"fewer --samples: --samples 1 --length {made} is the longest sample it makes")
+    options.append(f"more text: --samples {args.samples} of --length {args.length} take "
+                   f"{args.samples * args.length:,} tokens")
+    return (f"{args.calib}: the calibration text makes {made} tokens, fewer than one sample of --length "
+            f"{args.length}; " + "; or ".join(options))
+
+
+def _fewer_samples_warning(args, got: int) -> str:
+    fits = got * args.length // args.samples
+    return (f"warning: {args.calib} makes {got} samples of --length {args.length}, fewer than --samples "
+            f"{args.samples}; pruning with those {got} (more text" + (f", or --length {fits}," if fits >= 2 else "")
+            + f" would give all {args.samples})")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from transformers import NemotronHConfig
 
@@ -141,7 +187,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import nano
     from nano.cli import quiet_transformers
 
-    from nano.data import token_samples
     from .pipeline import prune, write
 
     import torch
@@ -149,7 +194,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     quiet_transformers()
     teacher = nano.load(teacher_dir, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"teacher: {teacher_dir} on {teacher.device}, {teacher.runtime_name()}", file=sys.stderr)
-    tokens = token_samples(args.calib, teacher.tokenizer, args.samples, args.length)
+    tokens = _calibration(args, teacher.tokenizer)
     print(f"calibration: {tokens.shape[0]} samples of {tokens.shape[1]} tokens from {args.calib}", file=sys.stderr)
     result = prune(
         teacher.model, tokens, target, layers=args.layers, layer_samples=args.layer_samples,

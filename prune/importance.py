@@ -14,7 +14,8 @@ then the L2 norm of those means over the samples.
 Depth (a second, smaller set of samples): a layer's score is how far the output distribution
 moves, KL(original || with that layer removed) per token, or the LM loss with it removed; the
 lowest-scoring layer goes, and the scores are taken again on the model without it, greedily,
-until the target depth is reached.
+until the target depth is reached. The candidates of a round run side by side, each layer once on
+all their streams, which gives what running each candidate alone gives.
 
 The layers run through `nano.runtime.HybridRuntime` (Triton kernels on a GPU); the tests hold both
 measures to slow twins through transformers' own forward with hooks (tests/twins/importance.py).
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nano.config import ATTENTION, MAMBA, MLP
+from nano.hardware import PREFILL_TOKENS
 from nano.runtime import HybridRuntime
 
 
@@ -176,51 +178,91 @@ def _steps(pattern, remove, score_round) -> list[LayerStep]:
 
 @torch.no_grad()
 def rank_layers(model, tokens: torch.Tensor, remove, metric: str = "kl", batch_size: int = 2,
-                progress: bool = False) -> list[LayerStep]:
+                progress: bool = False, tokens_per_call: int = PREFILL_TOKENS) -> list[LayerStep]:
     """Remove layers greedily: `remove` is a count, or a count per kind ({"M": 1, "*": 2, "-": 3}).
 
     Each round scores every candidate on the model without the layers removed so far, and removes
-    the lowest. The residual stream entering each layer is kept, so a candidate costs only the
-    layers after it.
+    the lowest. The candidates run side by side (`_without_each`): one pass over the layers, each
+    layer run once on the streams of all the candidates that keep it, at most `tokens_per_call`
+    tokens a call, and batches small enough share a pass (`_runs`). The arithmetic is that of
+    running each candidate alone from the stream entering the layer it skips, and so are the
+    scores, batch by batch; but a round makes a call per layer, not one per candidate and layer
+    after it, and on a small model (or a busy CPU) it is the calls that cost, not the arithmetic.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown layer metric {metric!r}; known: {', '.join(METRICS)}")
     pattern = model.config.hybrid_override_pattern
     device = next(model.parameters()).device
-    batches = [b.to(device) for b in _batches(tokens, batch_size)]
-    runtimes: dict[int, HybridRuntime] = {}
-
-    def runtime_for(batch):
-        key = batch.shape[0]
-        if key not in runtimes:
-            runtimes[key] = HybridRuntime(model, key, batch.shape[1] + 1, prefill_chunk=batch.shape[1])
-        return runtimes[key]
-
+    slots = len(pattern) + 1  # the most streams a pass carries: every layer a candidate, and the model
+    runs = _runs([b.to(device) for b in _batches(tokens, batch_size)], slots, tokens_per_call)
+    per_call = [max(1, tokens_per_call // sum(b.numel() for b in run)) for run in runs]
+    rows = max(min(n, slots) * sum(b.shape[0] for b in run) for n, run in zip(per_call, runs))
+    runtime = HybridRuntime(model, rows, tokens.shape[1] + 1, prefill_chunk=tokens.shape[1])
     everything = range(len(pattern))
-    references = [runtime_for(b).final_norm(runtime_for(b).run_layers(model.model.embeddings(b), everything))
-                  for b in batches]
-    count = sum(b.numel() for b in batches)
+    references = [_split(runtime.final_norm(runtime.run_layers(_embed(model, run), everything)), run) for run in runs]
+    count = tokens.numel()
     rounds = remove if isinstance(remove, int) else sum(remove.values())
     bar = _progress(rounds * tokens.shape[0], "layers", progress)
 
     def score_round(removed, candidates):
         active = [i for i in everything if i not in removed]
-        sums = {i: 0.0 for i in candidates}
-        for batch, reference in zip(batches, references):
-            runtime = runtime_for(batch)
-            stream = model.model.embeddings(batch)
-            entering = {}
-            for i in active:  # the stream entering each layer of the current model
-                entering[i] = stream
-                stream = runtime.run_layers(stream, [i])
-            for i in candidates:
-                after = [j for j in active if j > i]
-                out = runtime.run_layers(entering[i], after) if after else entering[i]
-                sums[i] += _distance(model, runtime.final_norm(out), reference, batch, metric).item()
-            bar.update(batch.shape[0])
+        order = sorted(candidates)
+        sums = {i: 0.0 for i in order}
+        for run, n, refs in zip(runs, per_call, references):
+            ends = _without_each(runtime, _embed(model, run), active, order, n)
+            for i, end in zip(order, ends):
+                for batch, reference, part in zip(run, refs, _split(end, run)):
+                    sums[i] += _distance(model, runtime.final_norm(part), reference, batch, metric).item()
+            bar.update(sum(b.shape[0] for b in run))
         return {i: s / count for i, s in sums.items()}
 
     try:
         return _steps(pattern, remove, score_round)
     finally:
         bar.close()
+
+
+def _runs(batches: list[torch.Tensor], slots: int, tokens_per_call: int) -> list[list[torch.Tensor]]:
+    """The batches in runs of consecutive ones, each run as large as lets `slots` streams of it go
+    in one call (at least one batch): a pass costs a call per layer whatever it carries."""
+    runs: list[list[torch.Tensor]] = [[]]
+    for batch in batches:
+        if runs[-1] and (sum(b.numel() for b in runs[-1]) + batch.numel()) * slots > tokens_per_call:
+            runs.append([])
+        runs[-1].append(batch)
+    return runs
+
+
+def _embed(model, run: list[torch.Tensor]) -> torch.Tensor:
+    return model.model.embeddings(torch.cat(run))
+
+
+def _split(stream: torch.Tensor, run: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return stream.split([b.shape[0] for b in run])
+
+
+def _without_each(runtime: HybridRuntime, stream: torch.Tensor, active: list[int], candidates: list[int],
+                  per_call: int) -> torch.Tensor:
+    """The residual stream after the `active` layers with each of `candidates` (ascending) left out:
+    (candidates, rows, T, hidden).
+
+    Slot 0 carries the stream of all the active layers; a candidate's slot starts as a copy of it
+    when its layer comes (the stream entering the layer it skips) and runs every active layer after.
+    Slots start in layer order, so a layer runs on the first slots, `per_call` of them a call; slot
+    0 stops once the last candidate has started from it. The memory is that of keeping the stream
+    entering every layer, as running the candidates one by one needs too.
+    """
+    streams = stream.new_empty((len(candidates) + 1, *stream.shape))
+    streams[0] = stream
+    slot = {layer: k + 1 for k, layer in enumerate(candidates)}
+    started = 0
+    for layer in active:
+        skips = layer in slot
+        if skips:
+            streams[slot[layer]] = streams[0]
+        first = 0 if started + skips < len(candidates) else 1
+        for begin in range(first, started + 1, per_call):
+            group = streams[begin : min(begin + per_call, started + 1)]
+            group.copy_(runtime.run_layers(group.flatten(0, 1), [layer]).view_as(group))
+        started += skips
+    return streams[1:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from nano.config import ATTENTION, MAMBA, MLP
+from nano.runtime import HybridRuntime
 from prune.importance import Importance, LayerStep, _batches, _distance, _steps, _Sums
 
 
@@ -67,5 +68,41 @@ def rank_layers_reference(model, tokens: torch.Tensor, remove, metric: str = "kl
             total = sum(_distance(model, normed(b, keep), r, b, metric).item() for b, r in zip(batches, references))
             scores[i] = total / count
         return scores
+
+    return _steps(pattern, remove, score_round)
+
+
+@torch.no_grad()
+def rank_layers_one_by_one(model, tokens: torch.Tensor, remove, metric: str = "kl",
+                           batch_size: int = 2) -> list[LayerStep]:
+    """`prune.importance.rank_layers` as it was before its candidates ran side by side: through the
+    same runtime, each candidate run on its own from the stream entering the layer it skips."""
+    pattern = model.config.hybrid_override_pattern
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in _batches(tokens, batch_size)]
+    runtimes = {rows: HybridRuntime(model, rows, tokens.shape[1] + 1, prefill_chunk=tokens.shape[1])
+                for rows in {b.shape[0] for b in batches}}
+    everything = range(len(pattern))
+    references = []
+    for b in batches:
+        runtime = runtimes[b.shape[0]]
+        references.append(runtime.final_norm(runtime.run_layers(model.model.embeddings(b), everything)))
+    count = sum(b.numel() for b in batches)
+
+    def score_round(removed, candidates):
+        active = [i for i in everything if i not in removed]
+        sums = {i: 0.0 for i in candidates}
+        for batch, reference in zip(batches, references):
+            runtime = runtimes[batch.shape[0]]
+            stream = model.model.embeddings(batch)
+            entering = {}
+            for i in active:
+                entering[i] = stream
+                stream = runtime.run_layers(stream, [i])
+            for i in candidates:
+                after = [j for j in active if j > i]
+                out = runtime.run_layers(entering[i], after) if after else entering[i]
+                sums[i] += _distance(model, runtime.final_norm(out), reference, batch, metric).item()
+        return {i: s / count for i, s in sums.items()}
 
     return _steps(pattern, remove, score_round)
