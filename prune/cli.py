@@ -133,7 +133,7 @@ def _calibration(args, tokenizer):
     from nano.data import token_samples
 
     try:
-        tokens = token_samples(args.calib, tokenizer, args.samples, args.length)
+        tokens = token_samples(args.calib_data, tokenizer, args.samples, args.length)
     except ValueError as e:
         short = _SHORT_TEXT.search(str(e))
         if short is None:
@@ -181,6 +181,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return _dry_run(args, config, target)
     if args.calib is None or args.out is None:
         raise ValueError("--calib and --out are needed (all but --dry-run)")
+    args.calib_data = args.calib[0] if len(args.calib) == 1 else args.calib  # a path, or blend words / files
+    args.calib = " ".join(args.calib)
     if Path(args.out).exists() and not args.overwrite:
         raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
 
@@ -238,7 +240,9 @@ def add_prune(sub) -> None:
     target.add_argument("--params", type=_params, help="parameter budget, e.g. 9e9: the best width under it is searched")
     target.add_argument("--memory", type=_memory, metavar="GPU:CONTEXT",
                         help="memory budget, e.g. a10g:131072: the best width that fits is searched")
-    p.add_argument("--calib", help="calibration data: a folder or file of text or jsonl, or a .pt/.safetensors of token ids")
+    p.add_argument("--calib", nargs="+", metavar="DATA",
+                   help="calibration data: a token store from `nanokit tokenize` or a blend of them (0.7 A 0.3 B), "
+                   "a folder or file of text, jsonl or parquet, or a .pt/.safetensors of token ids")
     p.add_argument("--out", help="output checkpoint folder")
     p.add_argument("--samples", type=_positive, default=1024, help="calibration samples (default 1024)")
     p.add_argument("--length", type=_positive, default=4096, help="tokens per sample (default 4096)")

@@ -290,3 +290,18 @@ def test_token_samples_from_a_store_are_the_blend_draws(two_stores):
     rows = token_samples(str(a), None, samples=8, length=10)
     assert torch.equal(rows, open_blend([str(a)], 10).take(range(8)))
     assert token_samples(str(a), None, samples=1000, length=10).shape == (50, 10)  # no window twice
+
+
+def test_prune_calibrates_on_a_blend_of_stores(tiny_dir, tmp_path, capsys):
+    import jinja2
+
+    files = sorted(Path(jinja2.__path__[0]).glob("*.py"))
+    tokenize(tiny_dir, files[::2], tmp_path / "even", workers=1)
+    tokenize(tiny_dir, files[1::2], tmp_path / "odd", workers=1)
+    layers = len(json.loads((tiny_dir / "config.json").read_text())["hybrid_override_pattern"]) - 1
+    words = ["0.5", str(tmp_path / "even"), "0.5", str(tmp_path / "odd")]
+    assert main(["prune", "--teacher", str(tiny_dir), "--layers", str(layers), "--calib", *words, "--samples", "4",
+                 "--length", "32", "--layer-samples", "2", "--out", str(tmp_path / "pruned")]) == 0
+    record = json.loads((tmp_path / "pruned" / "pruning.json").read_text())
+    assert record["calibration"]["samples"] == 4 and record["calibration"]["path"] == " ".join(words)
+    assert "calibration: 4 samples of 32 tokens from 0.5" in capsys.readouterr().err
