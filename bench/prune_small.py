@@ -9,9 +9,12 @@ every install has) are built in a temporary folder. Then:
   (no search: the target is explicit), writing; and the layers removed with their scores, so that
   runs of two versions can be held to the same result.
 Wall and CPU seconds both: on a shared machine the wall time moves with the others' load, the CPU
-time much less (the load averages before and after are recorded).
+time much less (the load averages before and after are recorded). `--busy N` runs N processes
+spinning on the CPU meanwhile, the other work of a shared machine made repeatable: on 2 cores
+that is where the old ranking's many small multi-threaded ops took minutes.
 
     python -m bench.prune_small
+    python -m bench.prune_small --busy 2 --name prune-small-cpu-busy2
     python -m bench.prune_small --name prune-small-cpu-before   # from a checkout of the old code
 """
 
@@ -26,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from bench.record import write
 
 NANO_12B_PATTERN = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
@@ -37,6 +38,8 @@ SHAPE = dict(hybrid_override_pattern=NANO_12B_PATTERN, hidden_size=64, intermedi
 
 def calibration_folder(folder: Path) -> Path:
     """The top-level .py files of the installed torch.nn, copied (the same text on every install of one torch)."""
+    import torch
+
     folder.mkdir(parents=True)
     for source in sorted(Path(torch.nn.__file__).parent.glob("*.py")):
         (folder / source.name).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
@@ -99,14 +102,30 @@ def stages(args, teacher_dir: Path, calib: Path, out: Path) -> tuple[list[dict],
     return rows, removed
 
 
+def busy(count: int) -> list[subprocess.Popen]:
+    """`count` processes spinning on the CPU, as other work on the machine would."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def as_nanokit_prune_sets_up() -> None:
+    """The process settings `nanokit prune` makes before torch loads (`prune.cli.cpu_settings`; none
+    in older checkouts), so that the stages timed in this process run as the command's do."""
+    from prune import cli
+
+    getattr(cli, "cpu_settings", lambda: None)()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=56)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU meanwhile")
     parser.add_argument("--name", default="prune-small-cpu")
     args = parser.parse_args()
+    as_nanokit_prune_sets_up()
 
+    import torch
     import transformers
 
     from nano.tiny import build_tiny_checkpoint
@@ -118,13 +137,20 @@ def main() -> None:
         root = Path(tmp)
         teacher = build_tiny_checkpoint(root / "teacher", **SHAPE)
         calib = calibration_folder(root / "calib")
-        wall, cpu = end_to_end(prune_arguments(teacher, calib, root / "out-command", args))
-        rows, removed = stages(args, teacher, calib, root / "out-stages")
+        spinning = busy(args.busy)
+        try:
+            wall, cpu = end_to_end(prune_arguments(teacher, calib, root / "out-command", args))
+            rows, removed = stages(args, teacher, calib, root / "out-stages")
+        finally:
+            for process in spinning:
+                process.kill()
+                process.wait()
     rows.insert(0, dict(stage="end to end (nanokit prune, fresh process)", seconds=round(wall, 2),
                         cpu_seconds=round(cpu, 2)))
     measured = "nanokit " + " ".join(prune_arguments("TEACHER", "CALIB", "OUT", args))
     write(args.name, rows, ["stage", "seconds", "cpu_seconds"], "cpu", measured=measured,
           teacher=dict(SHAPE, layers=len(NANO_12B_PATTERN)), torch_threads=torch.get_num_threads(),
+          gomp_spincount=os.environ.get("GOMP_SPINCOUNT"), busy_processes=args.busy,
           load_average_before=load_before, load_average_after=[round(x, 2) for x in os.getloadavg()], **removed)
 
 

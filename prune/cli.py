@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -167,7 +168,17 @@ def _fewer_samples_warning(args, got: int) -> str:
             + f" would give all {args.samples})")
 
 
+def cpu_settings() -> None:
+    """Let OpenMP's idle threads sleep soon after each op (libgomp spins 300,000 rounds first by
+    default). On a CPU shared with other work a spinning thread holds a core that the thread it
+    waits for needs, and a small prune's many small ops then took minutes instead of seconds
+    (bench/results/prune-small-cpu-busy2*.json); on an idle CPU it costs nothing measurable.
+    libgomp reads this when torch loads, so it is set before; a value in the environment stands."""
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    cpu_settings()
     from transformers import NemotronHConfig
 
     from nano.shipped import resolve
