@@ -5,33 +5,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
+from nano.provenance import commit, device_name  # noqa: F401  (re-exported for the scripts)
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def commit() -> str:
-    """The commit measured: $NANO_COMMIT where git is absent (the GPU machines get a bare copy)."""
-    if os.environ.get("NANO_COMMIT"):
-        return os.environ["NANO_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return head + ("+uncommitted" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from nano.cli import quiet_transformers
 
-    from .run import Target, evaluate, parse_budgets
+    from .run import Target, evaluate, parse_budgets, table
 
     quiet_transformers()
     if bool(args.model) == bool(args.endpoint):
@@ -19,8 +18,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     summary = evaluate(target, tasks, parse_budgets(args.budgets), args.out, limit=args.limit,
                        include_paths=args.include_path or [], overwrite=args.overwrite)
-    from .run import table
-
     print(table(summary["rows"]))
     plot = "score_vs_budget.png" if summary["plot"] else "no plot (pip install matplotlib)"
     print(f"wrote {args.out}: results.json, results.md, {plot}, lm-eval/ (lm-eval's own results)")

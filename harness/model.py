@@ -142,10 +142,10 @@ class NanoLM(TemplateLM):
     # Generation.
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        import nano
         from tqdm.auto import tqdm
 
-        out: list[str] = []
+        import nano
+
         bar = tqdm(total=len(requests), desc="generate", disable=disable_tqdm)
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):  # rows batch together only with the same settings
@@ -169,8 +169,7 @@ class NanoLM(TemplateLM):
                     self._count(g, budget)
                 bar.update(len(chunk))
         bar.close()
-        out = [results[i] for i in range(len(requests))]
-        return out
+        return [results[i] for i in range(len(requests))]
 
     @staticmethod
     def _prompt(context: str):

@@ -19,10 +19,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,27 +208,10 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
 
 def provenance(device: str | None) -> dict:
     """The commit, device, command and date of a run."""
-    root = Path(__file__).resolve().parents[1]
-    if os.environ.get("NANO_COMMIT"):  # a copy whose git metadata is not the tree's (the GPU machines)
-        commit = os.environ["NANO_COMMIT"]
-    else:
-        commit = _git_commit(root)
     import torch
 
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") and torch.cuda.is_available():
-        where = torch.cuda.get_device_name()
-    else:
-        where = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-    return dict(commit=commit, device=where, command=" ".join(shlex.quote(a) for a in ["nanokit", *sys.argv[1:]]),
+    from nano.provenance import commit, device_name
+
+    where = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(commit=commit(), device=device_name(where), command=" ".join(shlex.quote(a) for a in ["nanokit", *sys.argv[1:]]),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-
-
-def _git_commit(root: Path) -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
