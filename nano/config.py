@@ -133,3 +133,57 @@ def context_length(config: Any) -> int:
     """The longest sequence (prompt and generated tokens together) the model was built for."""
     value = config.get("max_position_embeddings") if isinstance(config, dict) else config.max_position_embeddings
     return int(value)
+
+
+# transformers' NemotronHConfig defaults for the keys this toolkit reads from a config.json that
+# leaves them out (tests/test_plan.py holds them to the installed transformers).
+NEMOTRON_H_DEFAULTS = {
+    "vocab_size": 131072,
+    "hidden_size": 4096,
+    "intermediate_size": 21504,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "mamba_num_heads": 128,
+    "mamba_head_dim": 64,
+    "n_groups": 8,
+    "ssm_state_size": 128,
+    "conv_kernel": 4,
+    "use_conv_bias": True,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+}
+
+
+class HybridConfig:
+    """A NemotronH config.json read without transformers, for the commands that only do arithmetic
+    on it (the prune dry-run, the targets): attributes named as `NemotronHConfig` names them, the
+    missing ones at its defaults, and `hybrid_override_pattern` always written out."""
+
+    def __init__(self, fields: dict[str, Any], source: str = "config.json"):
+        check_supported(fields, source)
+        self._fields = {**NEMOTRON_H_DEFAULTS, **with_layer_fields(fields, source)}
+
+    @classmethod
+    def read(cls, path) -> HybridConfig:
+        """The config in `path` (a config.json, or a checkpoint folder holding one)."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        source = path / "config.json" if path.is_dir() else path
+        if not source.exists():
+            raise ConfigError(f"{source}: not found; expected a NemotronH checkpoint folder or its config.json")
+        try:
+            return cls(json.loads(source.read_text()), str(source))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_fields"][name]
+        except KeyError:
+            raise AttributeError(f"the config has no {name!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._fields)

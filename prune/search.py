@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from nano.memory import GIB, Shape, usable_bytes
 from nano.memory import plan as memory_plan
 
-from .proxy import heldout_loss, short_distill
-from .slicing import slice_model
 from .targets import Sizes, pruned_config_dict
 
 
@@ -73,7 +71,8 @@ def _steps(original: int, lowest: int, denominator: int = 64) -> list[int]:
 
 
 def grid(config, drop, budget: Budget, tolerance: float = 0.02, context_for_memory: int = 131072) -> list[Candidate]:
-    """Every width on the grid at depth `drop` within `budget` and no more than `tolerance` under it."""
+    """Every width on the grid at depth `drop` within `budget` and no more than `tolerance` under it;
+    ValueError, with what to change, when there is none."""
     groups, heads = config.n_groups, config.mamba_num_heads
     head_choices = [h for h in range(heads, 0, -groups) if h >= heads * 3 / 4]
     out = []
@@ -86,6 +85,11 @@ def grid(config, drop, budget: Budget, tolerance: float = 0.02, context_for_memo
                 if (1 - tolerance) * limit <= value <= limit:
                     memory = memory_plan(fields, budget.gpu or "h100", budget.context or context_for_memory)
                     out.append(Candidate(sizes, Shape.of(fields).parameters(), memory.total / GIB, value))
+    if not out:
+        raise ValueError(
+            f"no width on the grid fits {budget.describe()} within {tolerance:.0%} of it at depth "
+            f"{len(config.hybrid_override_pattern) - len(drop)}; change the depth (--layers) or the budget"
+        )
     return out
 
 
@@ -99,12 +103,10 @@ def search(teacher, importance, drop, budget: Budget, train_tokens, heldout_toke
            screen: int = 8, finalists: int = 3, proxy_steps: int = 200, lr: float = 1e-4, batch_size: int = 4,
            progress: bool = False):
     """The best width under `budget` and the table of every candidate tried (see the module doc)."""
+    from .proxy import heldout_loss, short_distill
+    from .slicing import slice_model
+
     found = grid(teacher.config, drop, budget, tolerance)
-    if not found:
-        raise ValueError(
-            f"no width on the grid fits {budget.describe()} within {tolerance:.0%} of it at depth "
-            f"{len(teacher.config.hybrid_override_pattern) - len(drop)}; change the depth (--layers) or the budget"
-        )
     found.sort(key=lambda c: (c.sizes.hidden, c.sizes.ffn, c.sizes.mamba_heads), reverse=True)
     tried = _spread(found, screen)
     for candidate in tried:

@@ -106,6 +106,9 @@ def test_the_planner_and_dry_runs_start_without_torch(tmp_path):
         ["export", "trtllm", "--model", str(nine), "--gpu", "a10g", "--dry-run"],
         ["export", "trtllm", "--model", "nano-tiny", "--gpu", "l4", "--dry-run"],
         ["export", "edgellm", "--model", str(nine), "--quant", "int4_awq", "--dry-run"],
+        ["prune", "--teacher", str(nine), "--hidden", "4096", "--ffn", "12288", "--dry-run"],
+        ["prune", "--teacher", str(nine), "--params", "7e9", "--layers", "52", "--dry-run"],
+        ["prune", "--teacher", "nano-tiny", "--layers", "4", "--dry-run"],
     ]
     for command in commands:
         done = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, *command], capture_output=True, text=True,

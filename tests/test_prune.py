@@ -319,6 +319,51 @@ def test_prune_dry_run_on_the_12b_config_prints_the_9b(tmp_path, capsys):
     assert "8.888B parameters" in out
 
 
+def test_the_config_read_without_transformers_matches_transformers(tmp_path):
+    """The dry-run and the targets read config.json through nano.config.HybridConfig: its numbers,
+    the defaults for missing keys among them, are transformers' own."""
+    from transformers import NemotronHConfig
+
+    from nano.config import NEMOTRON_H_DEFAULTS, ConfigError, HybridConfig
+
+    bare = NemotronHConfig()
+    assert {k: getattr(bare, k) for k in NEMOTRON_H_DEFAULTS} == NEMOTRON_H_DEFAULTS
+    for config in (shape_config("nano-12b-v2-base"), nano.tiny.tiny_config()):
+        config.save_pretrained(tmp_path)
+        ours, theirs = HybridConfig.read(tmp_path), NemotronHConfig.from_pretrained(tmp_path)
+        for key in (*NEMOTRON_H_DEFAULTS, "hybrid_override_pattern", "num_hidden_layers"):
+            assert getattr(ours, key) == getattr(theirs, key), key
+        assert parameter_count(ours) == parameter_count(theirs)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type 'llama'"):
+        HybridConfig.read(tmp_path)
+    with pytest.raises(ConfigError, match="not found"):
+        HybridConfig.read(tmp_path / "elsewhere")
+
+
+def test_the_dry_runs_arithmetic_counts_what_transformers_builds():
+    """The dry-run prints counts from arithmetic alone; transformers' module on the meta device,
+    built from the pruned config, has exactly that many parameters."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    from nano.config import HybridConfig
+    from prune.targets import parameter_range, pruned_config_dict, pruned_counts
+
+    twelve = HybridConfig(shape_config("nano-12b-v2-base").to_dict())
+    tiny = HybridConfig(nano.tiny.tiny_config().to_dict())
+    for config, sizes in ((twelve, preset("nano-9b-v2", twelve)),
+                          (tiny, Sizes(hidden=40, ffn=96, mamba_heads=tiny.mamba_num_heads - tiny.n_groups)),
+                          (tiny, Sizes(hidden=48, remove=(("M", 1), ("-", 1))))):
+        low, high = parameter_range(config, sizes)
+        counts = pruned_counts(config, sizes)
+        fields = pruned_config_dict(config, sizes.plan(config))
+        if "layers" not in counts:  # removed per kind: the kinds' order does not change the count
+            fields["hybrid_override_pattern"] = "".join(k * counts[k] for k in ("M", "*", "-"))
+        with torch.device("meta"):
+            module = NemotronHForCausalLM(NemotronHConfig(**fields))
+        assert low == high == sum(p.numel() for p in module.parameters()), sizes
+
+
 def test_prune_command_errors_name_the_value(teacher_dir, tmp_path, capsys):
     cases = [
         (["--mamba-heads", "5", "--dry-run"], "mamba_heads=5 is not possible"),
