@@ -21,6 +21,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".cpp", ".js
 TENSOR_SUFFIXES = {".pt", ".safetensors"}
 
 
+
 def is_dataset_folder(path: Path) -> bool:
     """A folder written by Hugging Face `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
     return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
@@ -177,6 +178,8 @@ def _pack(documents, tokenizer, samples: int, length: int, source: str) -> torch
         if len(out) == samples:
             break
     if not out:
-        raise ValueError(f"{source}: the text makes {len(buffer)} tokens (an end-of-sequence token after each "
-                         f"document included), fewer than length={length}: not even one sample")
+        from .samples import ShortDataError
+
+        raise ShortDataError(f"{source}: the text makes {len(buffer)} tokens (an end-of-sequence token after each "
+                             f"document included), fewer than length={length}: not even one sample", len(buffer), length)
     return torch.stack(out)

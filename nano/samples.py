@@ -138,6 +138,14 @@ class Part:
     held_out: int = 0  # windows after those, kept for evaluation
 
 
+class ShortDataError(ValueError):
+    """The data makes no sample of the length asked for: `tokens` (of one source) is under `length`."""
+
+    def __init__(self, message: str, tokens: int, length: int):
+        super().__init__(message)
+        self.tokens, self.length = tokens, length
+
+
 class Blend:
     """Draws of `length` tokens from token stores in proportion to their weights."""
 
@@ -154,11 +162,10 @@ class Blend:
         for (weight, store), keep in zip(parts, reserve):
             windows = store.tokens // length - keep
             if windows < 1:
-                raise StoreError(
+                raise ShortDataError(
                     f"{store.prefix}: {store.tokens:,} tokens make {store.tokens // length} samples of length={length}"
                     + (f", and {keep} are held out for evaluation" if keep else "")
-                    + "; give a shorter --length, fewer --eval-samples, or more data"
-                )
+                    + "; give a shorter --length, fewer --eval-samples, or more data", store.tokens, length)
             self.parts.append(Part(store, weight, windows, keep))
         self.length, self.seed = length, seed
         self.shares = apportion([p.weight for p in self.parts], BLOCK)

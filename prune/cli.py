@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -111,23 +110,17 @@ def _dry_run(args, config, target) -> int:
     return 0
 
 
-_SHORT_TEXT = re.compile(r"the text makes (\d+) tokens")
-
-
 def _calibration(args, tokenizer):
     """The calibration samples. Text too short for one sample is refused with the numbers that would
     do, and fewer samples than --samples is said on stderr: either way the user learns it now, not
-    from scores taken on less data than asked for. How many tokens short text made, `nano.data`
-    says in its message (`_SHORT_TEXT`); tests/test_prune_speed.py holds the two to each other."""
+    from scores taken on less data than asked for."""
     from nano.data import token_samples
+    from nano.samples import ShortDataError
 
     try:
         tokens = token_samples(args.calib_data, tokenizer, args.samples, args.length)
-    except ValueError as e:
-        short = _SHORT_TEXT.search(str(e))
-        if short is None:
-            raise
-        raise ValueError(_short_text_advice(args, int(short.group(1)))) from None
+    except ShortDataError as e:
+        raise ValueError(_short_text_advice(args, e.tokens)) from None
     if len(tokens) == 0:
         raise ValueError(f"{args.calib}: no sample of --length {args.length} tokens; lower --length or give "
                          "more data")
@@ -145,7 +138,7 @@ def _short_text_advice(args, made: int) -> str:
         options.append(f"fewer --samples: --samples 1 --length {made} is the longest sample it makes")
     options.append(f"more text: --samples {args.samples} of --length {args.length} take "
                    f"{args.samples * args.length:,} tokens")
-    return (f"{args.calib}: the calibration text makes {made} tokens, fewer than one sample of --length "
+    return (f"{args.calib}: the calibration data makes {made} tokens, fewer than one sample of --length "
             f"{args.length}; " + "; or ".join(options))
 
 

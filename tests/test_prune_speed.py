@@ -90,10 +90,17 @@ def test_text_shorter_than_one_sample_is_met_with_the_numbers_that_would_do(teac
         token_samples(tmp_path / "calib", teacher.tokenizer, samples=4, length=128)
     assert _prune(teacher_dir, tmp_path / "calib", tmp_path / "out", samples=4, length=128) == 2
     err = capsys.readouterr().err
-    assert "the calibration text makes 121 tokens, fewer than one sample of --length 128" in err
+    assert "the calibration data makes 121 tokens, fewer than one sample of --length 128" in err
     assert "--length 30 gives all 4 samples" in err
     assert "--samples 1 --length 121" in err
     assert "--samples 4 of --length 128 take 512 tokens" in err
+    assert not (tmp_path / "out").exists()
+    # The same text as a token store meets the same advice.
+    from nano.tokenize import tokenize
+
+    tokenize(teacher_dir, [tmp_path / "calib"], tmp_path / "store" / "calib", workers=1)
+    assert _prune(teacher_dir, tmp_path / "store" / "calib", tmp_path / "out", samples=4, length=128) == 2
+    assert "makes 121 tokens, fewer than one sample of --length 128" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nano.cli import main
-from nano.samples import BLOCK, Blend, Permutation, apportion, open_blend, parse_blend
+from nano.samples import BLOCK, Blend, Permutation, ShortDataError, apportion, open_blend, parse_blend
 from nano.store import StoreError, StoreWriter, TokenStore, token_dtype, write_index
 from nano.tokenize import tokenize
 
@@ -201,7 +201,7 @@ def test_blend_words_and_their_errors(two_stores, tmp_path):
         parse_blend(["1", str(tmp_path / "nothing")])
     with pytest.raises(ValueError, match="blend weights must be positive"):
         open_blend(["0", str(a), "1", str(b)], length=10)
-    with pytest.raises(StoreError, match="500 tokens make 0 samples of length=1000; give a shorter --length"):
+    with pytest.raises(ShortDataError, match="500 tokens make 0 samples of length=1000; give a shorter --length"):
         open_blend([str(a)], length=1000)
 
 
