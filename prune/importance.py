@@ -117,6 +117,7 @@ def width_importance(model, tokens: torch.Tensor, batch_size: int = 8, progress:
 # Depth.
 
 METRICS = ("kl", "loss")
+STREAM_BYTES = 4 << 30  # the layer ranking's candidate streams side by side; more go in groups
 
 
 def _distance(model, normed: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor, metric: str,
@@ -178,7 +179,8 @@ def _steps(pattern, remove, score_round) -> list[LayerStep]:
 
 @torch.no_grad()
 def rank_layers(model, tokens: torch.Tensor, remove, metric: str = "kl", batch_size: int = 2,
-                progress: bool = False, tokens_per_call: int = PREFILL_TOKENS) -> list[LayerStep]:
+                progress: bool = False, tokens_per_call: int = PREFILL_TOKENS,
+                stream_bytes: int = STREAM_BYTES) -> list[LayerStep]:
     """Remove layers greedily: `remove` is a count, or a count per kind ({"M": 1, "*": 2, "-": 3}).
 
     Each round scores every candidate on the model without the layers removed so far, and removes
@@ -188,6 +190,8 @@ def rank_layers(model, tokens: torch.Tensor, remove, metric: str = "kl", batch_s
     running each candidate alone from the stream entering the layer it skips, and so are the
     scores, batch by batch; but a round makes a call per layer, not one per candidate and layer
     after it, and on a small model (or a busy CPU) it is the calls that cost, not the arithmetic.
+    The streams side by side take at most `stream_bytes` (beyond one): a large model's candidates go
+    in groups that fit, a pass per group, with the same arithmetic.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown layer metric {metric!r}; known: {', '.join(METRICS)}")
@@ -209,8 +213,9 @@ def rank_layers(model, tokens: torch.Tensor, remove, metric: str = "kl", batch_s
         order = sorted(candidates)
         sums = {i: 0.0 for i in order}
         for run, n, refs in zip(runs, per_call, references):
-            ends = _without_each(runtime, _embed(model, run), active, order, n)
-            for i, end in zip(order, ends):
+            stream = _embed(model, run)
+            group = max(1, stream_bytes // (stream.numel() * stream.element_size()) - 1)
+            for i, end in _without_each(runtime, stream, active, order, n, group):
                 for batch, reference, part in zip(run, refs, _split(end, run)):
                     sums[i] += _distance(model, runtime.final_norm(part), reference, batch, metric).item()
             bar.update(sum(b.shape[0] for b in run))
@@ -242,27 +247,35 @@ def _split(stream: torch.Tensor, run: list[torch.Tensor]) -> tuple[torch.Tensor,
 
 
 def _without_each(runtime: HybridRuntime, stream: torch.Tensor, active: list[int], candidates: list[int],
-                  per_call: int) -> torch.Tensor:
-    """The residual stream after the `active` layers with each of `candidates` (ascending) left out:
-    (candidates, rows, T, hidden).
+                  per_call: int, group: int):
+    """Yields (candidate, the residual stream after the `active` layers with it left out), for each
+    of `candidates` (ascending), `group` candidates at a time.
 
     Slot 0 carries the stream of all the active layers; a candidate's slot starts as a copy of it
     when its layer comes (the stream entering the layer it skips) and runs every active layer after.
-    Slots start in layer order, so a layer runs on the first slots, `per_call` of them a call; slot
-    0 stops once the last candidate has started from it. The memory is that of keeping the stream
-    entering every layer, as running the candidates one by one needs too.
+    Slots start in layer order, so a layer runs on the first slots, `per_call` of them a call. Slot 0
+    stops once the group's last candidate has started from it, and the next group goes on from there:
+    the arithmetic is that of running each candidate alone, and the memory `group` + 1 streams.
     """
-    streams = stream.new_empty((len(candidates) + 1, *stream.shape))
-    streams[0] = stream
-    slot = {layer: k + 1 for k, layer in enumerate(candidates)}
-    started = 0
-    for layer in active:
-        skips = layer in slot
-        if skips:
-            streams[slot[layer]] = streams[0]
-        first = 0 if started + skips < len(candidates) else 1
-        for begin in range(first, started + 1, per_call):
-            group = streams[begin : min(begin + per_call, started + 1)]
-            group.copy_(runtime.run_layers(group.flatten(0, 1), [layer]).view_as(group))
-        started += skips
-    return streams[1:]
+    base, position = stream, 0  # base: the stream entering active[position]
+    for first_member in range(0, len(candidates), group):
+        members = candidates[first_member : first_member + group]
+        streams = stream.new_empty((len(members) + 1, *stream.shape))
+        streams[0] = base
+        slot = {layer: k + 1 for k, layer in enumerate(members)}
+        started = 0
+        for index in range(position, len(active)):
+            layer = active[index]
+            skips = layer in slot
+            if skips:
+                streams[slot[layer]] = streams[0]
+                if started + 1 == len(members):
+                    base, position = streams[0].clone(), index  # the next group starts here
+            first = 0 if started + skips < len(members) else 1
+            for begin in range(first, started + 1, per_call):
+                part = streams[begin : min(begin + per_call, started + 1)]
+                part.copy_(runtime.run_layers(part.flatten(0, 1), [layer]).view_as(part))
+            started += skips
+        for k, layer in enumerate(members):
+            yield layer, streams[k + 1]
+        del streams

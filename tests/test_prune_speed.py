@@ -56,6 +56,28 @@ def test_side_by_side_ranking_is_the_one_by_one_ranking(teacher, tokens, metric,
     assert len(fast) == 4 and same_steps(fast, slow)
 
 
+def test_candidates_in_groups_rank_as_all_side_by_side(teacher, tokens, monkeypatch):
+    """With room for one or two candidate streams at a time, the candidates go in groups: the
+    ranking and every score stay those of running each candidate alone."""
+    import prune.importance as importance
+
+    groups, real = [], importance._without_each
+
+    def counted(runtime, stream, active, candidates, per_call, group):
+        groups.append((group, len(candidates)))
+        yield from real(runtime, stream, active, candidates, per_call, group)
+
+    monkeypatch.setattr(importance, "_without_each", counted)
+    slow = rank_layers_one_by_one(teacher.model, tokens[:3], 4, batch_size=1)
+    stream = tokens.shape[1] * teacher.config.hidden_size * 4  # one sample's residual stream, fp32
+    for room, group in ((1, 1), (3, 2)):
+        groups.clear()
+        fast = rank_layers(teacher.model, tokens[:3], 4, batch_size=1, tokens_per_call=100,
+                           stream_bytes=room * stream)
+        assert {g for g, _ in groups} == {group} and max(n for _, n in groups) > group
+        assert same_steps(fast, slow), room
+
+
 def test_side_by_side_ranking_keeps_the_quota_per_kind(teacher, tokens):
     remove = {"M": 2, "*": 1, "-": 1}
     fast = rank_layers(teacher.model, tokens[:3], remove, batch_size=1, tokens_per_call=80)
