@@ -42,7 +42,7 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=whole_number(1), default=16)
     p.add_argument("--device", help="cpu, cuda, ... (default: the GPU if there is one)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--onnx", help="generate through this ONNX bundle (nanokit export onnx) instead of torch")
+    p.add_argument("--onnx", help="run this ONNX bundle's graphs (nanokit export onnx of --model) instead of torch")
     p.add_argument("--include-path", action="append", help="more lm-eval task folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")

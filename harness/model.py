@@ -1,9 +1,10 @@
 """`nanokit`, a model for EleutherAI's lm-evaluation-harness: generation through `nano.generate` with
-the thinking budget, loglikelihoods through the same model's forward.
+the thinking budget, loglikelihoods through the same model's forward (or, with an ONNX bundle, both
+through the bundle's graphs).
 
     model_args: pretrained=DIR (a checkpoint folder or "nano-tiny"), budget=N|none, grace=N,
                 think=true|false, batch_size=N, device=cuda|cpu, dtype=float32|bfloat16,
-                max_length=N, onnx=BUNDLE (generate through an ONNX bundle's graphs instead)
+                max_length=N, onnx=BUNDLE (run an ONNX bundle's graphs instead of torch)
 
 `generate_until` returns the answer, the text after `</think>`, as a reasoning parser would hand it
 to a client; the reasoning is counted (`stats`) but not scored. A request's `until` strings cut the
@@ -75,20 +76,61 @@ _LOADED: dict[tuple, object] = {}
 
 def load_model(pretrained: str, device: str | None, dtype: str | None, onnx: str | None = None):
     """`nano.load`, once per (folder, device, dtype, ONNX bundle) in this process: a sweep over
-    budgets loads once. With a bundle, the model generates through its graphs."""
+    budgets loads once. With a bundle, the model generates through its graphs (`use_bundle`)."""
     import nano
 
     key = (str(pretrained), device, dtype, onnx)
     if key not in _LOADED:
         model = nano.load(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None)
         if onnx:
-            from pathlib import Path
-
-            from demos.jetson.chat import use_bundle
-
-            use_bundle(model, Path(onnx))
+            use_bundle(model, onnx)
         _LOADED[key] = model
     return _LOADED[key]
+
+
+def use_bundle(model, bundle) -> None:
+    """Make `model` generate through the bundle's graphs, as the Jetson chat does (its tokenizer and
+    chat format stay), after checking that the bundle was exported from a model of the same config.
+    onnxruntime's intra-op threads are torch's count (so OMP_NUM_THREADS sets both)."""
+    from pathlib import Path
+
+    from demos.jetson.chat import OnnxDecoder
+
+    bundle = Path(bundle)
+    if not (bundle / "prefill" / "model.onnx").exists() or not (bundle / "config.json").exists():
+        raise ValueError(f"{bundle}: not an ONNX bundle (no prefill/model.onnx or config.json); write one with "
+                         "nanokit export onnx")
+    mine, theirs = _config(Path(model.path) / "config.json"), _config(bundle / "config.json")
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"{bundle} was exported from another model than {model.path}: config.json differs in "
+                         f"{', '.join(differ[:6])}; give the --model the bundle came from")
+
+    class BundleDecoder(OnnxDecoder):
+        def __init__(self):
+            import onnxruntime as ort
+
+            from export.onnx import providers
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.intra_op_num_threads = torch.get_num_threads()
+            self.prefill_graph, self.decode_graph = (
+                ort.InferenceSession(str(bundle / name / "model.onnx"), options, providers=providers(bundle))
+                for name in ("prefill", "decode"))
+            self.name = f"ONNX graphs on onnxruntime ({self.decode_graph.get_providers()[0]})"
+            self.names = [i.name for i in self.decode_graph.get_inputs()][1:]
+            self.caches = None
+
+    decoder = BundleDecoder()
+    model.decoder = lambda rows=1, capacity=None: decoder
+    model.runtime_name = lambda: decoder.name
+
+
+def _config(path) -> dict:
+    """config.json without the fields that do not change what the model computes."""
+    raw = json.loads(path.read_text())
+    return {k: v for k, v in raw.items() if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
 
 
 @register_model("nanokit")
@@ -196,21 +238,32 @@ class NanoLM(TemplateLM):
             for _, context, continuation in chunk:
                 whole = (context + continuation)[-(self.max_length + 1):][:-1]  # the inputs: all but the last
                 rows.append((whole, len(continuation)))
-            width = max(len(r) for r, _ in rows)
-            ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (row, _) in enumerate(rows):
-                ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
-            logits = self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      use_cache=False).logits.float()
+            logits = self._logits([r for r, _ in rows])
             for i, ((row, n), (_, _, continuation)) in enumerate(zip(rows, chunk)):
-                scores = F.log_softmax(logits[i, len(row) - n : len(row)], dim=-1)
+                scores = F.log_softmax(logits[i][len(row) - n : len(row)], dim=-1)
                 target = torch.tensor(continuation, device=scores.device)
                 logprob = scores.gather(1, target[:, None]).sum().item()
                 greedy = bool((scores.argmax(dim=-1) == target).all())
                 out.append((logprob, greedy))
         return out
+
+    def _logits(self, rows: list[list[int]]):
+        """Next-token logits (fp32) at every position of each row: through the model's forward, the
+        rows right-padded into one batch; with a bundle, through its prefill graph one row at a time."""
+        if self.onnx:
+            import numpy as np
+
+            graph = self.model.decoder().prefill_graph
+            return [torch.from_numpy(graph.run(None, {"input_ids": np.array([row], dtype=np.int64)})[0][0]).float()
+                    for row in rows]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                use_cache=False).logits.float()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

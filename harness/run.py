@@ -8,8 +8,9 @@ trtllm-serve with the bundle's hook, any OpenAI-compatible endpoint), the budget
     lm-eval/budget-N.json      lm-eval's own results, as it writes them (samples apart)
     lm-eval/samples-budget-N.jsonl   every scored request: prompt, response, filtered answer, score
     tasks/                     the task files as they ran (data paths resolved)
-    results.json               one row per task, metric and budget, with the reasoning spent, and
-                               the commit, device, command and date
+    results.json               one row per task, metric and budget, with the reasoning spent; per
+                               budget the seconds it took (model loading included on the first);
+                               the commit, device, runtime (the decoder), command and date
     results.md                 the same as a table
     score_vs_budget.png        score against budget, one line per task and metric
 """
@@ -22,6 +23,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +117,7 @@ def evaluate(target: Target, tasks: list[str], budgets: list[int | None], out: s
         raise ValueError("no tasks given; for example --tasks nanokit_arithmetic")
     if bool(target.model) == bool(target.endpoint):
         raise ValueError("give either a model folder or an endpoint, not both")
-    rows, runs = [], {}
+    rows, runs, runtime = [], {}, None
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         manager = TaskManager(include_path=[str(materialize_tasks(tmp / "tasks")), *map(str, include_paths)])
         unknown = [t for t in tasks if t not in manager.all_tasks]
@@ -124,6 +126,7 @@ def evaluate(target: Target, tasks: list[str], budgets: list[int | None], out: s
                              f"{', '.join(p.name for p in TASKS.iterdir() if p.is_dir())} (or give --include-path)")
         (tmp / "lm-eval").mkdir()
         for budget in budgets:
+            began = time.perf_counter()
             model, model_args, gen_kwargs = _model_for(target, budget)
             result = lm_eval.simple_evaluate(
                 model=model, model_args=model_args, tasks=tasks, limit=limit, task_manager=manager,
@@ -139,10 +142,12 @@ def evaluate(target: Target, tasks: list[str], budgets: list[int | None], out: s
                     for entry in entries:
                         f.write(json.dumps({"task": task, **entry}, default=handle_non_serializable) + "\n")
             spent = model.stats.summary() if hasattr(model, "stats") else {}
-            runs[name] = dict(samples={t: len(e) for t, e in samples.items()}, **spent)
+            runtime = model.model.runtime_name() if hasattr(model, "stats") else None
+            runs[name] = dict(samples={t: len(e) for t, e in samples.items()}, **spent,
+                              seconds=round(time.perf_counter() - began, 1))
             rows.extend(_rows(result, budget, spent))
         summary = dict(target=target.label(), tasks=tasks, budgets=[_name(b) for b in budgets], limit=limit,
-                       **provenance(target.device), runs=runs, rows=rows)
+                       **provenance(target.device), runtime=runtime, runs=runs, rows=rows)
         summary["plot"] = "score_vs_budget.png" if plot(rows, tmp / "score_vs_budget.png", target.label()) else None
         (tmp / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "results.md").write_text(table(rows) + "\n")

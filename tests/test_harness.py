@@ -127,6 +127,77 @@ def test_a_running_server_scores_the_same_through_local_chat_completions(tiny, h
     assert remote["rows"][0]["budget"] == "0"
 
 
+ONNX_LIMIT = 6
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    assert main(["export", "onnx", "--model", "nano-tiny", "--dtype", "fp32", "--out", str(out)]) == 0
+    return out
+
+
+def _samples(out, budget) -> list[dict]:
+    name = "none" if budget is None else str(budget)
+    rows = [json.loads(line) for line in (out / "lm-eval" / f"samples-budget-{name}.jsonl").read_text().splitlines()]
+    return sorted(rows, key=lambda r: r["doc_id"])
+
+
+def test_an_onnx_bundle_scores_as_the_torch_model_problem_by_problem(fp32_bundle, harness_run, tmp_path):
+    """fp32 graphs on onnxruntime, one row at a time, against fp32 torch in batches of 8 (greedy), on
+    the first 6 problems at budgets 0, 16 and none: the same answers, word for word, and scores."""
+    torch_out, torch_summary = harness_run
+    out = tmp_path / "onnx"
+    assert main(["eval", "--model", "nano-tiny", "--onnx", str(fp32_bundle), "--device", "cpu", "--tasks",
+                 "nanokit_arithmetic", "--budgets", "0,16,none", "--limit", str(ONNX_LIMIT), "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["target"] == f"nano-tiny through ONNX {fp32_bundle}"
+    assert summary["runtime"].startswith("ONNX graphs on onnxruntime")
+    for budget in BUDGETS:
+        mine, theirs = _samples(out, budget), _samples(torch_out, budget)[:ONNX_LIMIT]
+        assert [r["doc_id"] for r in mine] == list(range(ONNX_LIMIT))
+        assert [r["resps"] for r in mine] == [r["resps"] for r in theirs], budget
+        assert [r["exact_match"] for r in mine] == [r["exact_match"] for r in theirs], budget
+    assert _right(out, None) != "0" * ONNX_LIMIT  # something right to agree on
+    assert summary["runs"]["16"]["budget_hit"] == 1.0 and summary["runs"]["0"]["mean_reasoning_tokens"] == 0
+    assert torch_summary["runtime"] and not torch_summary["runtime"].startswith("ONNX")
+
+
+def test_an_onnx_bundle_scores_loglikelihoods_through_its_prefill_graph(fp32_bundle, tiny):
+    from harness.model import use_bundle
+
+    model = nano.load("nano-tiny", device="cpu")
+    use_bundle(model, fp32_bundle)
+    through_graph, through_torch = NanoLM(model=model, onnx=str(fp32_bundle)), NanoLM(model=tiny, batch_size=3)
+    pairs = [("What is 2 + 3?", " 5"), ("12 * 7 =", " 84 and more"), ("a", "bcdefgh ijk")]
+    requests = [type("Request", (), {"args": pair})() for pair in pairs]
+    got = through_graph.loglikelihood(requests, disable_tqdm=True)
+    expected = through_torch.loglikelihood(requests, disable_tqdm=True)
+    for (logprob, greedy), (want, want_greedy) in zip(got, expected):
+        assert logprob == pytest.approx(want, abs=1e-3) and greedy == want_greedy
+    model.model.lm_head.weight.data.zero_()  # the torch weights take no part
+    assert through_graph.loglikelihood(requests, disable_tqdm=True) == got
+
+
+def test_a_bundle_from_another_model_is_refused(fp32_bundle, tmp_path):
+    import shutil
+
+    from harness.model import use_bundle
+
+    other = tmp_path / "other"
+    shutil.copytree(fp32_bundle, other, ignore=shutil.ignore_patterns("*.data", "*.onnx"))
+    (other / "prefill" / "model.onnx").write_bytes(b"")
+    config = json.loads((other / "config.json").read_text())
+    config["hidden_size"] = 224
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="was exported from another model than .*config.json differs in hidden_size"):
+        use_bundle(nano.load("nano-tiny", device="cpu"), other)
+    with pytest.raises(ValueError, match="not an ONNX bundle"):
+        use_bundle(nano.load("nano-tiny", device="cpu"), tmp_path)
+
+
 def test_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(ValueError, match="budget must be a whole number of tokens or 'none', got 'lots'"):
         parse_budgets("0,lots")
