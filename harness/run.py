@@ -10,7 +10,8 @@ trtllm-serve with the bundle's hook, any OpenAI-compatible endpoint), the budget
     tasks/                     the task files as they ran (data paths resolved)
     results.json               one row per task, metric and budget, with the reasoning spent; per
                                budget the seconds it took (model loading included on the first);
-                               the commit, device, runtime (the decoder), command and date
+                               the commit, device, runtime (the decoder), command and date (of
+                               the start)
     results.md                 the same as a table
     score_vs_budget.png        score against budget, one line per task and metric
 """
@@ -118,6 +119,7 @@ def evaluate(target: Target, tasks: list[str], budgets: list[int | None], out: s
     if bool(target.model) == bool(target.endpoint):
         raise ValueError("give either a model folder or an endpoint, not both")
     rows, runs, runtime = [], {}, None
+    began = provenance(target.device)  # the code as it was loaded: read before the run, not after
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         manager = TaskManager(include_path=[str(materialize_tasks(tmp / "tasks")), *map(str, include_paths)])
         unknown = [t for t in tasks if t not in manager.all_tasks]
@@ -126,7 +128,7 @@ def evaluate(target: Target, tasks: list[str], budgets: list[int | None], out: s
                              f"{', '.join(p.name for p in TASKS.iterdir() if p.is_dir())} (or give --include-path)")
         (tmp / "lm-eval").mkdir()
         for budget in budgets:
-            began = time.perf_counter()
+            start = time.perf_counter()
             model, model_args, gen_kwargs = _model_for(target, budget)
             result = lm_eval.simple_evaluate(
                 model=model, model_args=model_args, tasks=tasks, limit=limit, task_manager=manager,
@@ -144,10 +146,10 @@ def evaluate(target: Target, tasks: list[str], budgets: list[int | None], out: s
             spent = model.stats.summary() if hasattr(model, "stats") else {}
             runtime = model.model.runtime_name() if hasattr(model, "stats") else None
             runs[name] = dict(samples={t: len(e) for t, e in samples.items()}, **spent,
-                              seconds=round(time.perf_counter() - began, 1))
+                              seconds=round(time.perf_counter() - start, 1))
             rows.extend(_rows(result, budget, spent))
         summary = dict(target=target.label(), tasks=tasks, budgets=[_name(b) for b in budgets], limit=limit,
-                       **provenance(target.device), runtime=runtime, runs=runs, rows=rows)
+                       **began, runtime=runtime, runs=runs, rows=rows)
         summary["plot"] = "score_vs_budget.png" if plot(rows, tmp / "score_vs_budget.png", target.label()) else None
         (tmp / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "results.md").write_text(table(rows) + "\n")
@@ -212,7 +214,8 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
 
 
 def provenance(device: str | None) -> dict:
-    """The commit, device, command and date of a run."""
+    """The commit, device, command and date of a run, read as it starts (a tree edited while a long
+    run goes on would mark it +uncommitted though the code it loaded was the commit's)."""
     import torch
 
     from nano.provenance import commit, device_name
