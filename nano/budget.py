@@ -24,6 +24,7 @@ their logits processor runs (`export/trtllm_budget/`).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -93,6 +94,38 @@ class BudgetController:
         self.hit = self.thinking & (self.budget <= 0)
         # Index into the close sequence being forced on the next step, -1 when free.
         self.force = torch.where(self.hit, 0, -1)
+
+    @classmethod
+    def pool(cls, think: ThinkTokens, line_end_ids: torch.Tensor, vocab_size: int, rows: int,
+             device: torch.device | str = "cpu") -> BudgetController:
+        """A controller of `rows` free rows (finished, feeding padding), each given to a request by `admit`."""
+        return cls(think, line_end_ids, vocab_size, [None] * rows, [None] * rows, [False] * rows, [0] * rows, device)
+
+    def admit(self, row: int, budget: int | None, grace: int | None, thinking: bool, max_new: int) -> None:
+        """Row `row` starts a response afresh, as a controller made for it alone would (in place: a
+        captured step keeps reading these tensors)."""
+        window = 0 if budget is None else (default_grace(budget) if grace is None else grace)
+        self.budget[row] = NO_LIMIT if budget is None else budget
+        self.limit[row] = self.budget[row] + window
+        self.max_new[row] = max_new
+        self.count[row] = 0
+        self.generated[row] = 0
+        self.thinking[row] = thinking
+        self.done[row] = max_new <= 0
+        hit = thinking and budget is not None and budget <= 0
+        self.hit[row] = hit
+        self.force[row] = 0 if hit else -1
+
+    def release(self, row: int) -> None:
+        """Row `row` stops (its request ended or left) and feeds padding until admitted again."""
+        self.done[row] = True
+
+    def rows(self, start: int, stop: int) -> BudgetController:
+        """Rows start..stop-1, sharing these tensors (views): a step over part of a pool."""
+        view = copy.copy(self)
+        for name in ("budget", "limit", "max_new", "count", "generated", "thinking", "done", "hit", "force"):
+            setattr(view, name, getattr(self, name)[start:stop])
+        return view
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Forbid the tag that would not alternate: `<think>` inside reasoning, `</think>` outside."""

@@ -104,39 +104,47 @@ class _Prepared:
     batched: bool
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """One prompt made ready: its ids, and what the budget controller starts its row with."""
+
+    ids: list[int]
+    thinking: bool  # the template leaves reasoning open
+    budget: int | None  # 0 where reasoning is off: a think block the model opens anyway closes at once
+    max_new: int
+
+
+def prepare_prompt(model, prompt, budget: int | None, think: bool, max_new_tokens: int,
+                   where: str = "the prompt") -> PreparedPrompt:
+    """Render and encode one prompt (a string or chat messages) for `model`; `where` names it in errors."""
+    chat, context = model.chat, context_length(model.config)
+    text, reasoning_on = chat.render(prompt, think=bool(think) and budget != 0)
+    ids = chat.encode(text)
+    if len(ids) >= context:
+        raise ValueError(f"{where} is {len(ids)} tokens; the model's context is {context} tokens")
+    tags = [t for t in ids if t in (chat.think.open, chat.think.close)]
+    return PreparedPrompt(ids, bool(tags) and tags[-1] == chat.think.open, budget if reasoning_on else 0,
+                          min(max_new_tokens, context - len(ids)))
+
+
 def _prepare(model, prompt, budget, grace, think, max_new_tokens) -> _Prepared:
     prompts, batched = _as_batch(prompt)
     rows = len(prompts)
     budgets = _per_row(budget, "budget", rows, batched)
     graces = _per_row(grace, "grace", rows, batched)
-    chat, context = model.chat, context_length(model.config)
-    open_id, close_id = chat.think.open, chat.think.close
-
-    prompt_ids, thinking, row_budgets, max_new = [], [], [], []
-    for i, (p, b) in enumerate(zip(prompts, budgets)):
-        text, reasoning_on = chat.render(p, think=bool(think) and b != 0)
-        ids = chat.encode(text)
-        if len(ids) >= context:
-            where = f"prompt {i}" if batched else "the prompt"
-            raise ValueError(f"{where} is {len(ids)} tokens; the model's context is {context} tokens")
-        tags = [t for t in ids if t in (open_id, close_id)]
-        prompt_ids.append(ids)
-        thinking.append(bool(tags) and tags[-1] == open_id)
-        # With reasoning off, a think block the model opens anyway is closed at once.
-        row_budgets.append(b if reasoning_on else 0)
-        max_new.append(min(max_new_tokens, context - len(ids)))
-
+    ready = [prepare_prompt(model, p, b, think, max_new_tokens, f"prompt {i}" if batched else "the prompt")
+             for i, (p, b) in enumerate(zip(prompts, budgets))]
     controller = BudgetController(
-        chat.think,
-        chat.line_end_ids,
+        model.chat.think,
+        model.chat.line_end_ids,
         model.config.vocab_size,
-        row_budgets,
+        [r.budget for r in ready],
         graces,
-        thinking,
-        max_new,
+        [r.thinking for r in ready],
+        [r.max_new for r in ready],
         device=model.device,
     )
-    return _Prepared(prompt_ids, controller, max(max_new), batched)
+    return _Prepared([r.ids for r in ready], controller, max(r.max_new for r in ready), batched)
 
 
 def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

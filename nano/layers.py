@@ -120,6 +120,10 @@ class MambaCache:
         """The state of the first `rows` sequences, a view: one cache serves calls of fewer rows."""
         return self if rows == self.conv.shape[0] else MambaCache(self.conv[:rows], self.ssm[:rows], self.A)
 
+    def row(self, row: int) -> MambaCache:
+        """The state of sequence `row` alone, a view."""
+        return MambaCache(self.conv[row : row + 1], self.ssm[row : row + 1], self.A)
+
 
 @dataclass
 class KVCache:
@@ -136,3 +140,7 @@ class KVCache:
     def first(self, rows: int) -> KVCache:
         """The keys and values of the first `rows` sequences, a view (see `MambaCache.first`)."""
         return self if rows == self.k.shape[0] else KVCache(self.k[:rows], self.v[:rows])
+
+    def row(self, row: int) -> KVCache:
+        """The keys and values of sequence `row` alone, a view."""
+        return KVCache(self.k[row : row + 1], self.v[row : row + 1])

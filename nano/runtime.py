@@ -18,6 +18,7 @@ Mamba layers' inputs, as transformers does.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -83,8 +84,9 @@ class HybridRuntime(Decoder):
 
     # The layers.
 
-    def _mamba(self, x, mixer, cache: MambaCache, keep=None):
-        """A Mamba2 mixer over x (rows, T, hidden); `keep` (rows, T) zeroes padded positions."""
+    def _mamba(self, x, mixer, cache: MambaCache, keep=None, live=None):
+        """A Mamba2 mixer over x (rows, T, hidden); `keep` (rows, T) zeroes padded positions; in a
+        decode step, rows where `live` (rows,) is false leave their state as it was."""
         rows, length, _ = x.shape
         dims = MambaDims.of(mixer)
         heads, p, n, groups = dims.heads, dims.head_dim, dims.state, dims.groups
@@ -95,7 +97,7 @@ class HybridRuntime(Decoder):
             self._tap("mamba_x", xbc[..., : dims.inner])
         if length == 1:
             step = compiled(_conv_step) if x.is_cuda else _conv_step
-            xbc = step(cache.conv, xbc[:, 0], mixer.conv1d.weight[:, 0], mixer.conv1d.bias)[:, None]
+            xbc = step(cache.conv, xbc[:, 0], mixer.conv1d.weight[:, 0], mixer.conv1d.bias, live)[:, None]
         else:
             window = torch.cat([cache.conv, xbc.transpose(1, 2)], dim=2)
             cache.conv.copy_(window[:, :, 1 - dims.kernel :])
@@ -106,7 +108,7 @@ class HybridRuntime(Decoder):
         if length == 1:
             y = self.kernels.state_update(
                 cache.ssm, xs.reshape(rows, heads, p), dt[:, 0], cache.A, B.reshape(rows, groups, n),
-                C.reshape(rows, groups, n), mixer.D, mixer.dt_bias,
+                C.reshape(rows, groups, n), mixer.D, mixer.dt_bias, live=live,
             )
         else:
             y, final = self.kernels.chunk_scan(
@@ -117,16 +119,22 @@ class HybridRuntime(Decoder):
             cache.ssm.copy_(final)
         return mamba_out(y.reshape(rows, length, dims.inner), z, mixer, self.kernels.gated_rms_norm)
 
-    def _attention(self, x, attn, cache: KVCache, begin: int | None, valid=None):
+    def _attention(self, x, attn, cache: KVCache, begin: int | None, valid=None, positions=None):
         """GQA attention over the cache; `begin` is the chunk's first position (None: one decode token,
-        with `valid` (rows, capacity) marking the cache slots it may attend to)."""
+        with `valid` (rows, capacity) marking the cache slots it may attend to, written at `positions`
+        (rows,), one per row, or else at the shared `self.position`)."""
         rows, length, _ = x.shape
         q, k, v = qkv(x, attn)
         heads, kv, d = q.shape[1], k.shape[1], attn.head_dim
         if begin is None:
-            index = self.position.view(1)
-            cache.k.index_copy_(2, index, k)
-            cache.v.index_copy_(2, index, v)
+            if positions is None:
+                index = self.position.view(1)
+                cache.k.index_copy_(2, index, k)
+                cache.v.index_copy_(2, index, v)
+            else:
+                row = torch.arange(rows, device=x.device)
+                cache.k[row, :, positions] = k[:, :, 0]
+                cache.v[row, :, positions] = v[:, :, 0]
             # The query heads sharing a KV head attend as a group, no copy of the cache per query head;
             # plain matmuls, since fused attention kernels are built for many queries, not one.
             scores = torch.matmul(q.reshape(rows, kv, heads // kv, d), cache.k.transpose(2, 3)) * d**-0.5
@@ -164,19 +172,24 @@ class HybridRuntime(Decoder):
             self._tap("mlp", act)
         return mlp_down(act, mlp)
 
-    def _forward(self, hidden, begin: int | None, keep=None):
-        """All layers over hidden (rows, T, hidden); returns the final-normed last position (rows, hidden)."""
-        valid = None
+    def _forward(self, hidden, begin: int | None, keep=None, positions=None, live=None):
+        """All layers over hidden (rows, T, hidden); returns the final-normed last position (rows, hidden).
+        A decode step of the first rows, each at its own position: `positions` and `live` (`step_slots`)."""
+        valid, rows = None, hidden.shape[0]
         if begin is None:  # one decode token: the cache slots each row attends to, shared by all attention layers
             slots = torch.arange(self.capacity, device=hidden.device)
-            valid = (slots[None, :] >= self.start[:, None]) & (slots[None, :] <= self.position)
+            if positions is None:
+                valid = (slots[None, :] >= self.start[:, None]) & (slots[None, :] <= self.position)
+            else:
+                valid = slots[None, :] <= positions[:, None]
         residual, out = None, hidden
         for kind, layer, cache in zip(self.pattern, self.layers, self.caches):
+            cache = cache.first(rows) if cache is not None else None
             normed, residual = self.kernels.rms_norm(out, layer.norm.weight, self.eps, residual=residual)
             if kind == "M":
-                out = self._mamba(normed, layer.mixer, cache, keep)
+                out = self._mamba(normed, layer.mixer, cache, keep, live)
             elif kind == "*":
-                out = self._attention(normed, layer.mixer, cache, begin, valid)
+                out = self._attention(normed, layer.mixer, cache, begin, valid, positions)
             else:
                 out = self._mlp(normed, layer.mixer)
         last = slice(-1, None)
@@ -211,6 +224,36 @@ class HybridRuntime(Decoder):
         normed = self._forward(self.model.model.embeddings(tokens)[:, None], None)
         self.position += 1
         return self._logits(normed)
+
+    # Rows at positions of their own, for the engine (`nano.engine`).
+
+    @torch.no_grad()
+    def step_slots(self, tokens: torch.Tensor, positions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first len(tokens) rows (slots), row r's at `positions[r]`; the
+        logits. Rows not `live` (free, or part way through a prefill) leave their Mamba state as it
+        was and write their keys and values at `positions[r]`, which the engine points at the last
+        cache column, one no live row attends to: a padding row never touches a live one's state."""
+        return self._logits(self._forward(self.model.model.embeddings(tokens)[:, None], None, positions=positions,
+                                          live=live))
+
+    def slot(self, row: int) -> HybridRuntime:
+        """A runtime of one row whose caches are row `row` of these (views): the engine prefills a
+        request's slot through it while the others decode."""
+        view = copy.copy(self)
+        view.rows = 1
+        view.caches = [None if c is None else c.row(row) for c in self.caches]
+        view.position = torch.zeros((), dtype=torch.long, device=self.device)
+        view.start = torch.zeros(1, dtype=torch.long, device=self.device)
+        view.padded = False
+        return view
+
+    @torch.no_grad()
+    def extend(self, input_ids: torch.Tensor, begin: int) -> torch.Tensor:
+        """A chunk of unpadded sequences (rows, T) at positions begin.. on top of what the caches
+        hold (nothing, at 0): a prefill in pieces. The logits of its last token."""
+        if begin + input_ids.shape[1] >= self.capacity:
+            raise ValueError(f"tokens {begin}..{begin + input_ids.shape[1]} do not fit a capacity of {self.capacity}")
+        return self._logits(self._forward(self.model.model.embeddings(input_ids), begin))
 
     # Whole sequences at once, for analysis (the pruner's importance passes).
 
@@ -268,10 +311,11 @@ class HybridRuntime(Decoder):
         return _GraphedStep(step, self.device, generator)
 
 
-def _conv_step(state, x, weight, bias):
-    """One step of the Mamba conv: slide the window (state: the last kernel-1 inputs) by x, apply."""
+def _conv_step(state, x, weight, bias, live=None):
+    """One step of the Mamba conv: slide the window (state: the last kernel-1 inputs) by x, apply;
+    rows where `live` is false keep their window."""
     window = torch.cat([state, x[..., None]], dim=-1)
-    state.copy_(window[..., 1:])
+    state.copy_(window[..., 1:] if live is None else torch.where(live[:, None, None], window[..., 1:], state))
     return conv_window(window, weight, bias, x.dtype)
 
 

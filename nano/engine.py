@@ -1,0 +1,300 @@
+"""A continuous-batching engine over the fast runtime: requests join and leave a running batch.
+
+The engine holds a fixed pool of `slots` request slots in one `HybridRuntime`: per slot the conv
+window and the fp32 SSM state of every Mamba layer and the keys and values of every attention
+layer, for up to `context` tokens. Each `step()`:
+
+1. admits waiting requests into free slots (the lowest free first, so the busy slots stay packed
+   at the front);
+2. runs one chunk (`prefill_chunk` tokens) of one admitted request's prompt into its slot; after
+   its last chunk the request samples its first token and starts decoding;
+3. runs one decode step for every decoding slot: the first B slots, B the smallest bucket that
+   holds them all, with the budget controller and the sampler of each slot inside the same step.
+   On a GPU each bucket's step is captured once in a CUDA graph and replayed.
+
+Slots in the first B that are not decoding (free, or part way through a prefill) are padding
+rows of the step. They can never touch a live slot: their Mamba state is left as it was (the
+kernel skips them), their keys and values go to the cache's last column, which no decoding row
+attends to, and their controller row is finished. A finished or cancelled request frees its slot
+at once, for the next admission.
+
+Sampling is per request (temperature, top-p, seed). The noise a request draws at its t-th token
+is a function of its seed and t alone, so a request samples the same tokens whatever else shares
+the batch; at temperature 0 it is greedy, and a batch through the engine then equals each request
+run alone through `nano.generate` (tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .budget import PAD, BudgetController
+from .config import context_length
+from .generation import Generation, PreparedPrompt, _check_sampling, _generation, prepare_prompt
+from .layers import MambaCache
+from .runtime import HybridRuntime
+
+
+@dataclass
+class Request:
+    """One request and everything it has produced so far."""
+
+    prompt: object  # a string or chat messages
+    budget: int | None = None
+    grace: int | None = None
+    think: bool = True
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    id: int = 0
+    # Filled in by the engine.
+    ready: PreparedPrompt | None = field(default=None, repr=False)
+    max_new: int = 0  # tokens it may generate: max_new_tokens, or what the context leaves
+    tokens: list[int] = field(default_factory=list, repr=False)
+    kinds: list[int] = field(default_factory=list, repr=False)
+    state: str = "waiting"  # waiting, prefilling, decoding, finished, cancelled
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens in the slot's caches so far
+    result: Generation | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.ready.ids
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("finished", "cancelled")
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token a step produced for a request."""
+
+    request: Request
+    token: int
+    kind: int  # REASONING, ANSWER, CONTROL, END (see nano.budget)
+
+
+class Engine:
+    """Requests in, tokens out, one `step()` at a time (see the module doc)."""
+
+    def __init__(self, model, slots: int = 8, context: int | None = None, prefill_chunk: int | None = None,
+                 buckets: tuple[int, ...] | None = None, graphs: bool | None = None):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        self.model = model
+        self.context = min(context or context_length(model.config), context_length(model.config))
+        # One column past the context: where padding rows write their keys and values.
+        self.runtime = HybridRuntime(model.model, slots, self.context + 1, graphs=graphs)
+        self.device, self.slots = self.runtime.device, slots
+        self.prefill_chunk = prefill_chunk or (4096 if self.device.type == "cuda" else 512)
+        self.buckets = tuple(sorted(set(buckets or _powers_of_two(slots)) | {slots}))
+        if self.buckets[0] < 1 or self.buckets[-1] > slots:
+            raise ValueError(f"buckets must lie in 1..{slots}, got {buckets!r}")
+        chat = model.chat
+        self.controller = BudgetController.pool(chat.think, chat.line_end_ids, model.config.vocab_size, slots,
+                                                self.device)
+        on = dict(device=self.device)
+        self.scratch = self.context  # the cache column padding rows write to
+        self.positions = torch.full((slots,), self.scratch, dtype=torch.long, **on)
+        self.live = torch.zeros(slots, dtype=torch.bool, **on)
+        self.tokens = torch.zeros(slots, dtype=torch.long, **on)  # what each slot feeds next
+        self.temperature = torch.zeros(slots, **on)
+        self.top_p = torch.ones(slots, **on)
+        self.seed = torch.zeros(slots, dtype=torch.long, **on)
+        self.decodable = len(model.tokenizer)  # ids past the tokenizer are padding rows of the head
+        self.waiting: deque[Request] = deque()
+        self.prefilling: deque[Request] = deque()
+        self.in_slot: list[Request | None] = [None] * slots
+        self._steps: dict[int, object] = {}
+        self._ids = itertools.count()
+        self.name = f"engine of {slots} slots x {self.context} tokens, {self.runtime.name}"
+
+    # Requests.
+
+    def submit(self, prompt, budget: int | None = None, grace: int | None = None, think: bool = True,
+               max_new_tokens: int = 1024, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None) -> Request:
+        """Queue a request; it joins the batch at a coming `step()`. Bad settings are refused here,
+        naming the value, before anything of the request reaches the device."""
+        _check_sampling(max_new_tokens, temperature, top_p)
+        for name, value in (("budget", budget), ("grace", grace)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+        ready = prepare_prompt(self.model, prompt, budget, think, max_new_tokens)
+        if len(ready.ids) >= self.context:
+            raise ValueError(f"the prompt is {len(ready.ids)} tokens; the engine's context is {self.context} tokens")
+        number = next(self._ids)
+        request = Request(prompt, budget, grace, think, max_new_tokens, temperature, top_p,
+                          number if seed is None else seed, id=number, ready=ready,
+                          max_new=min(ready.max_new, self.context - len(ready.ids)))
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop `request` now; its slot is free for the next admission."""
+        if request.finished:
+            return
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.prefilling:
+            self.prefilling.remove(request)
+        if request.slot is not None:
+            self._free(request.slot)
+        request.state = "cancelled"
+        request.result = self._result(request, hit=False)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.live.any())
+
+    def active(self) -> int:
+        """Requests admitted and not finished."""
+        return sum(r is not None for r in self.in_slot)
+
+    # The loop.
+
+    def step(self) -> list[Token]:
+        """Admit, run one prefill chunk, run one decode step; the tokens produced, in slot order."""
+        self._admit()
+        out = self._prefill_chunk()
+        decoding = [s for s, r in enumerate(self.in_slot) if r is not None and r.state == "decoding"]
+        if decoding:
+            rows = next(b for b in self.buckets if b > max(decoding))
+            token, kind, done = self._step(rows)(self.tokens[:rows])
+            token, kind, done = torch.stack([token, kind, done.long()]).tolist()  # one read from the device
+            for s in decoding:
+                out.append(self._take(self.in_slot[s], token[s], kind[s], done[s]))
+        return out
+
+    def run(self) -> None:
+        """Step until every request is finished."""
+        while self.busy:
+            self.step()
+
+    def generate(self, prompts, **settings) -> list[Generation]:
+        """Every prompt through the engine at once (settings as for `submit`, the same for all)."""
+        requests = [self.submit(p, **settings) for p in prompts]
+        self.run()
+        return [r.result for r in requests]
+
+    # Inside.
+
+    def _admit(self) -> None:
+        while self.waiting and None in self.in_slot:
+            request = self.waiting.popleft()
+            slot = self.in_slot.index(None)
+            self.in_slot[slot], request.slot, request.state = request, slot, "prefilling"
+            for cache in self.runtime.slot(slot).caches:
+                if isinstance(cache, MambaCache):
+                    cache.reset()  # keys and values need none: a row attends to its own positions only
+            self.temperature[slot], self.top_p[slot], self.seed[slot] = request.temperature, request.top_p, request.seed
+            self.prefilling.append(request)
+
+    def _prefill_chunk(self) -> list[Token]:
+        if not self.prefilling:
+            return []
+        request = self.prefilling[0]
+        ids = request.prompt_ids
+        begin, end = request.prefilled, min(request.prefilled + self.prefill_chunk, len(ids))
+        chunk = torch.tensor([ids[begin:end]], dtype=torch.long, device=self.device)
+        logits = self.runtime.slot(request.slot).extend(chunk, begin)
+        request.prefilled = end
+        if end < len(ids):
+            return []
+        self.prefilling.popleft()
+        slot = request.slot
+        # The controller row starts only now: until this step the slot was a padding row of the decode steps.
+        self.controller.admit(slot, request.ready.budget, request.grace, request.ready.thinking, request.max_new)
+        token, kind = self._choose(logits, self.controller.rows(slot, slot + 1), slice(slot, slot + 1))
+        self.tokens[slot] = token[0]
+        self.positions[slot] = len(ids)
+        request.state = "decoding"
+        self.live[slot] = True
+        return [self._take(request, int(token[0]), int(kind[0]), bool(self.controller.done[slot]))]
+
+    def _choose(self, logits, controller: BudgetController, rows: slice):
+        logits[:, self.decodable:] = float("-inf")
+        controller.mask_logits(logits)
+        sampled = sample_rows(logits, self.temperature[rows], self.top_p[rows], self.seed[rows], controller.generated)
+        return controller.advance(sampled)
+
+    def _step(self, rows: int):
+        """The decode step of the first `rows` slots: model, controller and sampler (a CUDA graph on a GPU)."""
+        if rows not in self._steps:
+            controller, span = self.controller.rows(0, rows), slice(0, rows)
+            positions, live = self.positions[:rows], self.live[:rows]
+
+            @torch.no_grad()
+            def step(tokens):
+                logits = self.runtime.step_slots(tokens, positions, live)
+                token, kind = self._choose(logits, controller, span)
+                positions.add_(live)
+                return token, kind, controller.done
+
+            self._steps[rows] = self.runtime.graphed(step)
+        return self._steps[rows]
+
+    def _take(self, request: Request, token: int, kind: int, done: bool) -> Token:
+        slot = request.slot
+        self.tokens[slot] = token
+        if kind != PAD:
+            request.tokens.append(token)
+            request.kinds.append(kind)
+        if done:
+            hit = bool(self.controller.hit[slot])
+            self._free(slot)
+            request.state = "finished"
+            request.result = self._result(request, hit)
+        return Token(request, token, kind)
+
+    def _free(self, slot: int) -> None:
+        request = self.in_slot[slot]
+        self.in_slot[slot] = None
+        self.live[slot] = False
+        self.positions[slot] = self.scratch
+        self.controller.release(slot)
+        if request is not None:
+            request.slot = None
+
+    def _result(self, request: Request, hit: bool) -> Generation:
+        return _generation(self.model.tokenizer, request.tokens, request.kinds, hit, len(request.prompt_ids))
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
+
+
+_MASK31 = (1 << 31) - 1
+
+
+def _uniform(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(rows, vocab) numbers in (0, 1), a hash of (seed, step, token id): the same for a row whatever
+    the other rows are. Integer arithmetic below 2**62, so it is exact on every device."""
+    ids = torch.arange(vocab, device=seed.device)
+    x = ((seed[:, None] & _MASK31) * 1_000_003 + (step[:, None] & _MASK31)) & _MASK31
+    x = (x * 69_069 + ids[None, :] + 1) & _MASK31
+    for _ in range(3):
+        x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK31
+    return ((x >> 7).float() + 0.5) / float(1 << 24)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
+                step: torch.Tensor) -> torch.Tensor:
+    """One token per row, each row with its own temperature (0: greedy), top-p and seed; `step` is the
+    row's count of generated tokens. An exponential race: the first token of p / E, E ~ Exp(1)."""
+    greedy = logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None]  # keeps at least the top token
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    race = -torch.log(_uniform(seed, step, logits.shape[-1]).gather(-1, order))
+    drawn = order.gather(-1, (sorted_probs / race).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return torch.where(temperature == 0, greedy, drawn)
+
+
