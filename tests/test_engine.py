@@ -1,0 +1,145 @@
+"""The continuous-batching engine (nano/engine.py) on the CPU: every request through it equals the
+same request alone through `nano.generate`, however requests join, wait, leave and share slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nano
+from nano.engine import Engine, sample_rows
+
+PROMPTS = [
+    "What is 347 + 58 * 6 - 12?",
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."}],
+    "A much longer question, so that its prompt takes several prefill chunks: why is the sky blue at noon?",
+    "2 + 2?",
+    "Tell me about Mamba layers.",
+]
+BUDGETS = [6, None, 0, 3, 12]
+
+
+@pytest.fixture(scope="module")
+def fast(tiny_dir):
+    """The tiny model through the fast runtime, which the engine runs (the same arithmetic as alone)."""
+    model = nano.load(tiny_dir)
+    model.runtime = "fast"
+    return model
+
+
+@pytest.fixture(scope="module")
+def alone(fast):
+    return [nano.generate(fast, p, budget=b, max_new_tokens=24) for p, b in zip(PROMPTS, BUDGETS)]
+
+
+def test_requests_through_the_engine_equal_each_alone(fast, alone):
+    # Three slots for five requests: two wait and take freed slots; a chunk of 8 prompt tokens
+    # makes the long prompts prefill over several steps while the others decode past them.
+    engine = Engine(fast, slots=3, context=256, prefill_chunk=8)
+    requests = [engine.submit(p, budget=b, max_new_tokens=24) for p, b in zip(PROMPTS, BUDGETS)]
+    engine.step()
+    assert [r.state for r in requests].count("waiting") == 2
+    engine.run()
+    assert [r.result for r in requests] == alone
+    assert all(r.state == "finished" and r.slot is None for r in requests) and engine.active() == 0
+
+
+def test_a_request_joining_a_running_batch_equals_it_alone(fast, alone):
+    engine = Engine(fast, slots=4, context=256, prefill_chunk=8)
+    first = engine.submit(PROMPTS[0], budget=BUDGETS[0], max_new_tokens=24)
+    while len(first.tokens) < 4:
+        engine.step()
+    assert first.state == "decoding"
+    late = engine.submit(PROMPTS[2], budget=BUDGETS[2], max_new_tokens=24)
+    engine.run()
+    assert first.result == alone[0] and late.result == alone[2]
+
+
+def test_a_cancelled_request_frees_its_slot_at_once_and_the_others_go_on(fast, alone):
+    engine = Engine(fast, slots=2, context=256, prefill_chunk=8)
+    keep = engine.submit(PROMPTS[0], budget=BUDGETS[0], max_new_tokens=24)
+    leave = engine.submit(PROMPTS[4], budget=BUDGETS[4], max_new_tokens=24)
+    waiting = engine.submit(PROMPTS[1], budget=BUDGETS[1], max_new_tokens=24)
+    while len(leave.tokens) < 3:
+        engine.step()
+    slot = leave.slot
+    engine.cancel(leave)
+    assert leave.state == "cancelled" and engine.in_slot[slot] is None and not engine.live[slot]
+    assert len(leave.result.token_ids) == len(leave.tokens) < 24
+    engine.run()
+    assert keep.result == alone[0] and waiting.result == alone[1]
+    engine.cancel(keep)  # cancelling a finished request changes nothing
+    assert keep.state == "finished"
+
+
+def test_padding_rows_leave_every_other_slots_state_alone(fast):
+    """A decode step over slots some of which are not live: those keep their Mamba state and
+    their keys and values but for the scratch column, whatever the step computes for them."""
+    engine = Engine(fast, slots=3, context=64)
+    runtime = engine.runtime
+    for cache in runtime.caches:  # states no decode step would leave as they are
+        if cache is not None:
+            for t in vars(cache).values():
+                if t.dtype.is_floating_point and t.dim() > 1:
+                    t.normal_()
+    before = [None if c is None else {k: t.clone() for k, t in vars(c).items()} for c in runtime.caches]
+    live = torch.tensor([True, False, True])
+    positions = torch.tensor([5, engine.scratch, 9])
+    runtime.step_slots(torch.tensor([3, 4, 5]), positions, live)
+    for cache, saved in zip(runtime.caches, before):
+        if cache is None:
+            continue
+        for name, tensor in vars(cache).items():
+            if name in ("k", "v"):
+                assert torch.equal(tensor[1, :, : engine.scratch], saved[name][1, :, : engine.scratch])
+                assert not torch.equal(tensor[0, :, 5], saved[name][0, :, 5])
+            elif tensor.dim() > 1:
+                assert torch.equal(tensor[1], saved[name][1]), name
+                assert not torch.equal(tensor[0], saved[name][0]), name
+
+
+def test_sampling_is_per_request_whatever_shares_the_batch(fast):
+    settings = dict(budget=5, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=11)
+    solo = Engine(fast, slots=1, context=256)
+    one = solo.generate([PROMPTS[0]], **settings)[0]
+    crowd = Engine(fast, slots=4, context=256, prefill_chunk=8)
+    others = [crowd.submit(p, temperature=1.0, seed=i, max_new_tokens=16) for i, p in enumerate(PROMPTS[1:4])]
+    mine = crowd.submit(PROMPTS[0], **settings)
+    crowd.run()
+    assert mine.result == one and all(r.finished for r in others)
+    assert crowd.generate([PROMPTS[0]], **{**settings, "seed": 12})[0] != one
+
+
+def test_the_sampler_draws_from_the_shaped_distribution():
+    """The exponential race with hashed noise: greedy at temperature 0; over many seeds, each token
+    about as often as its top-p-renormalised probability."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    rows = 4000
+    tiled = logits.repeat(rows, 1)
+    seeds, steps = torch.arange(rows), torch.zeros(rows, dtype=torch.long)
+    greedy = sample_rows(tiled.clone(), torch.zeros(rows), torch.ones(rows), seeds, steps)
+    assert (greedy == 0).all()
+    drawn = sample_rows(tiled.clone(), torch.ones(rows), torch.ones(rows), seeds, steps)
+    assert (torch.bincount(drawn, minlength=4) / rows - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03
+    nucleus = sample_rows(tiled.clone(), torch.ones(rows), torch.full((rows,), 0.75), seeds, steps)
+    assert (torch.bincount(nucleus, minlength=4) / rows - torch.tensor([0.625, 0.375, 0, 0])).abs().max() < 0.03
+    later = sample_rows(tiled.clone(), torch.ones(rows), torch.ones(rows), seeds, steps + 1)
+    assert (later != drawn).float().mean() > 0.3  # the next step draws afresh
+
+
+def test_bad_requests_are_refused_naming_the_value(fast):
+    engine = Engine(fast, slots=2, context=64)
+    cases = [
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+        (dict(temperature=-1), "temperature must be a number >= 0, got -1"),
+        (dict(top_p=0), "top_p must be in (0, 1], got 0"),
+        (dict(budget=-3), "budget must be a non-negative integer or None, got -3"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            engine.submit("hi", **settings)
+    with pytest.raises(ValueError, match="the engine's context is 64 tokens"):
+        engine.submit("word " * 200)
+    with pytest.raises(ValueError, match="slots must be a positive integer, got 0"):
+        Engine(fast, slots=0)
+    assert not engine.busy  # nothing refused was queued
