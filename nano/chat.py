@@ -102,6 +102,26 @@ class ChatFormat:
 
     def render(self, prompt: str | Sequence[dict[str, Any]], think: bool = True) -> tuple[str, bool]:
         """The prompt text for generation and whether reasoning is on in it."""
+        messages, kwargs, reasoning = self._as_rendered(prompt, think)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return text, reasoning
+
+    def turn_ends(self, prompt: str | Sequence[dict[str, Any]], think: bool = True) -> list[str]:
+        """The prompt's text up to the end of each of its turns (the system turn the switch may add
+        included), where the template renders that part as the whole prompt begins: the points
+        where a later prompt that shares these turns shares the text (`nano.prefix_cache`)."""
+        messages, kwargs, _ = self._as_rendered(prompt, think)
+        whole = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        ends = []
+        for i in range(1, len(messages) + 1):
+            text = self.tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=False,
+                                                      **kwargs)
+            if text and len(text) < len(whole) and whole.startswith(text) and text not in ends:
+                ends.append(text)
+        return ends
+
+    def _as_rendered(self, prompt, think: bool) -> tuple[list[dict[str, Any]], dict, bool]:
+        """The messages as the template receives them, its extra arguments, and whether reasoning is on."""
         messages = self.conversation(prompt)
         typed = reasoning_switch(messages)
         reasoning = bool(think) and typed is not False
@@ -116,8 +136,7 @@ class ChatFormat:
             self._set_system_line(messages, f"detailed thinking {'on' if reasoning else 'off'}")
         else:
             kwargs["enable_thinking"] = reasoning
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-        return text, reasoning
+        return messages, kwargs, reasoning
 
     @staticmethod
     def _set_system_line(messages: list[dict[str, Any]], line: str) -> None:

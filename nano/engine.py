@@ -18,6 +18,11 @@ kernel skips them), their keys and values go to the cache's last column, which n
 attends to, and their controller row is finished. A finished or cancelled request frees its slot
 at once, for the next admission.
 
+With a prefix cache (`prefix_cache` bytes, `nano.prefix_cache`), a request's prefill stops at the
+ends of its chat turns: there the slot's state is stored (at the last two ends: the conversation
+so far, and the whole of it, which the next turn of the same conversation begins with), and a
+request admitted later whose tokens begin with a stored prefix starts from its state.
+
 Sampling is per request (temperature, top-p, seed). The noise a request draws at its t-th token
 is a function of its seed and t alone, so a request samples the same tokens whatever else shares
 the batch; at temperature 0 it is greedy, and a batch through the engine then equals each request
@@ -36,6 +41,7 @@ from .budget import PAD, BudgetController
 from .config import context_length
 from .generation import Generation, PreparedPrompt, _check_sampling, _generation, prepare_prompt
 from .layers import MambaCache
+from .prefix_cache import PrefixCache, restore, take
 from .runtime import HybridRuntime
 
 
@@ -60,6 +66,8 @@ class Request:
     state: str = "waiting"  # waiting, prefilling, decoding, finished, cancelled
     slot: int | None = None
     prefilled: int = 0  # prompt tokens in the slot's caches so far
+    stops: tuple[int, ...] = ()  # prompt lengths at the ends of its chat turns: where the prefix cache looks
+    reused: int = 0  # prompt tokens taken from the prefix cache
     result: Generation | None = None
 
     @property
@@ -84,9 +92,12 @@ class Engine:
     """Requests in, tokens out, one `step()` at a time (see the module doc)."""
 
     def __init__(self, model, slots: int = 8, context: int | None = None, prefill_chunk: int | None = None,
-                 buckets: tuple[int, ...] | None = None, graphs: bool | None = None):
+                 buckets: tuple[int, ...] | None = None, graphs: bool | None = None, prefix_cache: int = 0,
+                 prefix_min_tokens: int = 16):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        self.prefix = PrefixCache(prefix_cache)
+        self.prefix_min_tokens = prefix_min_tokens
         self.model = model
         self.context = min(context or context_length(model.config), context_length(model.config))
         # One column past the context: where padding rows write their keys and values.
@@ -117,11 +128,12 @@ class Engine:
 
     # Requests.
 
-    def submit(self, prompt, budget: int | None = None, grace: int | None = None, think: bool = True,
-               max_new_tokens: int = 1024, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None) -> Request:
-        """Queue a request; it joins the batch at a coming `step()`. Bad settings are refused here,
-        naming the value, before anything of the request reaches the device."""
+    def request(self, prompt, budget: int | None = None, grace: int | None = None, think: bool = True,
+                max_new_tokens: int = 1024, temperature: float = 0.0, top_p: float = 1.0,
+                seed: int | None = None) -> Request:
+        """A request made ready (rendered, encoded, checked) but not queued. Bad settings are refused
+        here, naming the value. It touches no state of the engine's, so a server's threads may call it
+        while another thread steps."""
         _check_sampling(max_new_tokens, temperature, top_p)
         for name, value in (("budget", budget), ("grace", grace)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -130,11 +142,29 @@ class Engine:
         if len(ready.ids) >= self.context:
             raise ValueError(f"the prompt is {len(ready.ids)} tokens; the engine's context is {self.context} tokens")
         number = next(self._ids)
-        request = Request(prompt, budget, grace, think, max_new_tokens, temperature, top_p,
-                          number if seed is None else seed, id=number, ready=ready,
-                          max_new=min(ready.max_new, self.context - len(ready.ids)))
+        return Request(prompt, budget, grace, think, max_new_tokens, temperature, top_p,
+                       number if seed is None else seed, id=number, ready=ready,
+                       max_new=min(ready.max_new, self.context - len(ready.ids)),
+                       stops=self._stops(prompt, think and budget != 0, ready.ids))
+
+    def submit(self, prompt, **settings) -> Request:
+        """Queue a request (a prompt and its settings as for `request`, or a `Request` it made); it
+        joins the batch at a coming `step()`."""
+        request = prompt if isinstance(prompt, Request) else self.request(prompt, **settings)
         self.waiting.append(request)
         return request
+
+    def _stops(self, prompt, think: bool, ids: list[int]) -> tuple[int, ...]:
+        """The prompt's lengths at the ends of its chat turns, where they are token for token how the
+        prompt begins and long enough to be worth a snapshot."""
+        if not self.prefix.capacity:
+            return ()
+        stops = []
+        for text in self.model.chat.turn_ends(prompt, think):
+            head = self.model.chat.encode(text)
+            if self.prefix_min_tokens <= len(head) < len(ids) and ids[: len(head)] == head:
+                stops.append(len(head))
+        return tuple(sorted(set(stops)))
 
     def cancel(self, request: Request) -> None:
         """Stop `request` now; its slot is free for the next admission."""
@@ -190,9 +220,14 @@ class Engine:
             request = self.waiting.popleft()
             slot = self.in_slot.index(None)
             self.in_slot[slot], request.slot, request.state = request, slot, "prefilling"
-            for cache in self.runtime.slot(slot).caches:
+            caches = self.runtime.slot(slot).caches
+            for cache in caches:
                 if isinstance(cache, MambaCache):
                     cache.reset()  # keys and values need none: a row attends to its own positions only
+            found = self.prefix.find(request.prompt_ids, request.stops) if request.stops else None
+            if found is not None:
+                restore(caches, found)
+                request.prefilled = request.reused = len(found.ids)
             self.temperature[slot], self.top_p[slot], self.seed[slot] = request.temperature, request.top_p, request.seed
             self.prefilling.append(request)
 
@@ -201,10 +236,14 @@ class Engine:
             return []
         request = self.prefilling[0]
         ids = request.prompt_ids
-        begin, end = request.prefilled, min(request.prefilled + self.prefill_chunk, len(ids))
+        begin = request.prefilled
+        end = min([begin + self.prefill_chunk, len(ids), *(s for s in request.stops if s > begin)])
         chunk = torch.tensor([ids[begin:end]], dtype=torch.long, device=self.device)
-        logits = self.runtime.slot(request.slot).extend(chunk, begin)
+        runtime = self.runtime.slot(request.slot)
+        logits = runtime.extend(chunk, begin)
         request.prefilled = end
+        if end in request.stops[-2:] and ids[:end] not in self.prefix:
+            self.prefix.put(take(runtime.caches, end, ids))
         if end < len(ids):
             return []
         self.prefilling.popleft()

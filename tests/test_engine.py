@@ -143,3 +143,81 @@ def test_bad_requests_are_refused_naming_the_value(fast):
     with pytest.raises(ValueError, match="slots must be a positive integer, got 0"):
         Engine(fast, slots=0)
     assert not engine.busy  # nothing refused was queued
+
+
+SYSTEM = ("You answer questions about arithmetic and nothing else, in the worked style: one step per line, "
+          "then the result in a box.")
+
+
+def _conversation(question: str, history: tuple = ()) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, *history, {"role": "user", "content": question}]
+
+
+def test_a_shared_system_prompt_is_prefilled_once_and_answers_stay_the_same(fast):
+    questions = ["What is 12 + 7?", "What is 3 * 9?", "Name a prime.", "What is 40 - 2?"]
+    prompts = [_conversation(q) for q in questions]
+    alone = [nano.generate(fast, p, budget=6, max_new_tokens=20) for p in prompts]
+    engine = Engine(fast, slots=2, context=512, prefill_chunk=16, prefix_cache=1 << 26)
+    first = engine.submit(prompts[0], budget=6, max_new_tokens=20)
+    engine.run()  # the first stores the system turn's state (and the whole of its conversation)
+    later = [engine.submit(p, budget=6, max_new_tokens=20) for p in prompts[1:]]
+    engine.run()
+    assert [r.result for r in (first, *later)] == alone
+    system_turn = len(fast.chat.encode(fast.chat.turn_ends(prompts[0])[0]))
+    assert first.reused == 0 and all(r.reused == system_turn for r in later)
+    stats = engine.prefix.stats()
+    assert stats["lookups"] == 4 and stats["hits"] == 3 and stats["tokens_reused"] == 3 * system_turn
+
+
+def test_the_next_turn_of_a_conversation_starts_where_the_last_prompt_ended(fast):
+    turn1 = _conversation("What is 12 + 7?")
+    turn2 = _conversation("And times 2?", history=(turn1[1], {"role": "assistant", "content": "19"}))
+    engine = Engine(fast, slots=2, context=512, prefill_chunk=16, prefix_cache=1 << 26)
+    engine.generate([turn1], budget=4, max_new_tokens=12)
+    second = engine.submit(turn2, budget=4, max_new_tokens=12)
+    engine.run()
+    # The first prompt's last turn end (its user turn) is stored; the second begins with it.
+    assert second.reused == len(fast.chat.encode(fast.chat.turn_ends(turn1)[-1]))
+    assert second.result == nano.generate(fast, turn2, budget=4, max_new_tokens=12)
+
+
+def test_snapshots_past_the_capacity_evict_the_least_recently_used(fast):
+    systems = [f"{SYSTEM} Variant {i} of the instructions." for i in range(3)]
+    prompts = [[{"role": "system", "content": s}, {"role": "user", "content": "What is 5 + 5?"}] for s in systems]
+    probe = Engine(fast, slots=1, context=512, prefix_cache=1 << 26)
+    probe.generate(prompts[:1], max_new_tokens=2)
+    one = max(s.bytes for s in probe.prefix.entries.values())
+    engine = Engine(fast, slots=1, context=512, prefill_chunk=16, prefix_cache=2 * one)  # room for two
+    results = engine.generate(prompts, budget=3, max_new_tokens=10)
+    assert results == [nano.generate(fast, p, budget=3, max_new_tokens=10) for p in prompts]
+    stats = engine.prefix.stats()
+    assert stats["evicted"] >= 1 and stats["bytes"] <= 2 * one and stats["hits"] == 0
+    again = engine.submit(prompts[2], budget=3, max_new_tokens=10)  # the newest is still there
+    engine.run()
+    assert again.reused > 0 and again.result == results[2]
+
+
+def test_a_snapshot_restored_into_another_slot_is_the_state_it_was_taken_from(fast):
+    from nano.prefix_cache import restore, take
+
+    engine = Engine(fast, slots=2, context=64)
+    source, target = engine.runtime.slot(0), engine.runtime.slot(1)
+    source.extend(torch.tensor([[5, 6, 7, 8, 9, 10]]), 0)
+    snapshot = take(source.caches, 6, list(range(6)))
+    for cache in target.caches:
+        for t in ([] if cache is None else [getattr(cache, n) for n in ("conv", "ssm", "k", "v") if hasattr(cache, n)]):
+            t.normal_()
+    restore(target.caches, snapshot)
+    for a, b in zip(source.caches, target.caches):
+        if a is None:
+            continue
+        for name in ("conv", "ssm") if hasattr(a, "ssm") else ("k", "v"):
+            x, y = getattr(a, name), getattr(b, name)
+            if name in ("k", "v"):
+                x, y = x[:, :, :6], y[:, :, :6]
+            assert torch.equal(x, y), name
+
+
+def test_the_prefix_cache_refuses_a_bad_capacity(fast):
+    with pytest.raises(ValueError, match="capacity must be a number of bytes >= 0, got -1"):
+        Engine(fast, slots=1, context=64, prefix_cache=-1)
