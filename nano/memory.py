@@ -409,3 +409,28 @@ def jetson_options(config: Any, batch: int = 1, ssm_dtype: str = "fp32") -> list
                              weights_gib=round(at(1).weights / GIB, 2), max_context=longest,
                              full_context=longest == limit))
     return rows
+
+
+# Bytes per vocabulary entry and slot that an engine's decode step holds beside the model: the fp32
+# logits, the sampler's probabilities, their sorted copy and order, its noise and the race.
+SAMPLER_BYTES_PER_LOGIT = 32
+
+
+def engine_plan(config: Any, target: str | float, context: int, slots: int, prefix_cache: int = 0,
+                **options) -> MemoryPlan:
+    """The memory of a continuous-batching engine (`nano.engine`): `slots` request slots of `context`
+    tokens each (KV, SSM and conv state), one prefill chunk of one request at a time, the decode
+    step's logits and sampler for every slot, and `prefix_cache` bytes of prefix snapshots (counted
+    with the overhead)."""
+    full = plan(config, target, context, slots, **options)
+    one = plan(config, target, context, 1, **options)
+    vocab = int(_get(config, "vocab_size"))
+    workspace = one.workspace + slots * vocab * SAMPLER_BYTES_PER_LOGIT
+    return replace(full, workspace=int(workspace), overhead=full.overhead + int(prefix_cache))
+
+
+def engine_slots(config: Any, target: str | float, context: int, prefix_cache: int = 0, most: int = 64,
+                 **options) -> int:
+    """The most request slots (up to `most`) of `context` tokens an engine can hold on `target`; 0 if
+    not even one fits."""
+    return largest(lambda n: engine_plan(config, target, context, n, prefix_cache, **options).fits, most)

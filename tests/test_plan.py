@@ -142,3 +142,40 @@ def test_which_jetson_boards_hold_the_9b_at_which_precision_and_context(configs,
     assert all(r["full_context"] for r in rows if r["board"] == "thor")
     assert main(["plan", "--model", str(configs["nano-9b-v2"]), "--jetson"]) == 0
     assert "orin-16    12.5G      int8     9.37G  124193" in capsys.readouterr().out
+
+
+def test_the_engine_slots_fit_the_target_and_one_more_would_not():
+    from nano.memory import GIB, engine_plan, engine_slots, plan
+    from nano.shapes import shape_config
+
+    config = shape_config("nano-9b-v2")
+    for target, context in (("a10g", 131072), ("a10g", 8192), ("h100", 32768), (30.0, 65536)):
+        slots = engine_slots(config, target, context, most=4096)
+        assert slots >= 1
+        assert engine_plan(config, target, context, slots).fits
+        assert not engine_plan(config, target, context, slots + 1).fits
+    # The slots' state is what a batch of that size holds; one request's prefill at a time, not all of theirs.
+    engine, batch = engine_plan(config, "h100", 8192, 16), plan(config, "h100", 8192, 16)
+    assert (engine.kv_cache, engine.ssm_state, engine.weights) == (batch.kv_cache, batch.ssm_state, batch.weights)
+    assert engine.workspace < batch.workspace
+    # A prefix cache is memory the slots cannot have.
+    assert engine_slots(config, "h100", 32768, prefix_cache=8 * GIB, most=4096) < engine_slots(config, "h100", 32768,
+                                                                                                  most=4096)
+    assert engine_slots(config, "h100", 32768) == 64  # at most 64 by default
+
+
+def test_serve_sizes_its_engine_by_the_planner_and_refuses_what_cannot_fit():
+    from types import SimpleNamespace
+
+    import torch
+
+    from demos.workstation.cli import engine_size
+    from nano.shapes import shape_config
+
+    model = SimpleNamespace(config=shape_config("nano-9b-v2"), device=torch.device("cpu"))
+    assert engine_size(model, 131072, 0)[0] == 8  # the CPU's default
+    slots, why = engine_size(model, 131072, 0, gpu="a10g")
+    assert slots == 2 and "a10g" in why
+    assert engine_size(model, 8192, 0, gpu="h200")[0] == 64
+    with pytest.raises(ValueError, match="not one request of 131072 tokens fits 18 GiB: it needs"):
+        engine_size(model, 131072, 0, gpu="18")

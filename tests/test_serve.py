@@ -1,10 +1,17 @@
 """`nanokit serve` through the official `openai` client, as a user would use it: models, chat completions
 with and without streaming (reasoning apart from the answer), completions, the per-request thinking
-budget, requests the server refuses, and concurrent requests batched without mixing their answers."""
+budget, requests the server refuses, and concurrent requests batched without mixing their answers;
+each with continuous batching (the engine) and static batching. Then what only the engine does: a
+request joining a running batch, a slot freed when its client leaves, malformed requests beside
+running ones, 429 past the queue, and the prefix cache."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,9 +27,13 @@ QUESTIONS = ["What is 12 + 7?", "What is 345 - 67?", "What is 8 * 9 + 1?", "What
 
 
 @pytest.fixture(scope="module")
-def server():
-    model = nano.load("nano-tiny", device="cpu")
-    app = create_app(model, "nano-tiny", max_batch=4, default_max_tokens=256)
+def model():
+    return nano.load("nano-tiny", device="cpu")
+
+
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def server(request, model):
+    app = create_app(model, "nano-tiny", max_batch=4, default_max_tokens=256, batching=request.param)
     with running(app) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), app, model
 
@@ -93,7 +104,7 @@ def test_invalid_requests_get_a_4xx_naming_the_field(server):
 def test_concurrent_requests_are_batched_and_not_mixed_up(server):
     client, app, model = server
     expected = {q: nano.generate(model, q, max_new_tokens=256).answer.strip() for q in QUESTIONS}
-    before = app.state.batcher.batches
+    before = app.state.batcher.stats().get("batches", 0)
 
     def ask(q):
         reply = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": q}])
@@ -102,7 +113,10 @@ def test_concurrent_requests_are_batched_and_not_mixed_up(server):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, QUESTIONS * 2))
     assert all(answer == expected[q] for q, answer in answers)
-    assert app.state.batcher.largest > 1 and app.state.batcher.batches - before < len(answers)
+    stats = app.state.batcher.stats()
+    assert stats["largest_batch"] > 1
+    if stats["batching"] == "static":
+        assert stats["batches"] - before < len(answers)
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
@@ -122,3 +136,109 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
     full = time.perf_counter() - alone
     assert "\\boxed{19}" in short.choices[0].message.content
     assert waited < full  # the next request did not wait for the abandoned generation to run its course
+
+
+LONG = [{"role": "user", "content": "What is 9876 * 5432 * 1234 - 987?"}]
+
+
+@pytest.fixture(scope="module")
+def engine_server(model):
+    app = create_app(model, "nano-tiny", max_batch=2, default_max_tokens=256, max_waiting=2, prefix_cache=1 << 26)
+    with running(app) as url:
+        yield url, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), app
+
+
+def _stats(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/stats") as reply:
+        return json.load(reply)
+
+
+def _post(url: str, body) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as reply:
+            return reply.status, dict(reply.headers), json.load(reply)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.load(e)
+
+
+def test_a_request_joins_a_running_batch_instead_of_waiting_for_it(engine_server, model):
+    url, client, _ = engine_server
+    long = client.chat.completions.create(model="nano-tiny", messages=LONG, stream=True, max_tokens=1500)
+    next(iter(long))
+    short = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": QUESTIONS[0]}])
+    assert "\\boxed{19}" in short.choices[0].message.content
+    assert _stats(url)["active"] == 1  # the long one was still decoding when the short one had finished
+    long.close()
+
+
+def test_a_client_that_leaves_frees_its_slot_at_once(engine_server):
+    url, client, _ = engine_server
+    stream = client.chat.completions.create(model="nano-tiny", messages=LONG, stream=True, max_tokens=2000)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    assert _stats(url)["active"] == 1
+    stream.close()
+    deadline = time.perf_counter() + 5
+    while _stats(url)["active"] and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert _stats(url)["active"] == 0  # freed within a few steps, not at the end of its 2000 tokens
+
+
+def test_malformed_requests_beside_running_ones_are_refused_alone(engine_server, model):
+    url, client, _ = engine_server
+    expected = nano.generate(model, QUESTIONS[1], budget=8, max_new_tokens=256)
+    answers = []
+
+    def run():
+        reply = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                               extra_body={"thinking_budget": 8}, stream=True)
+        answers.append("".join(c.choices[0].delta.content or "" for c in reply if c.choices))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    bad = [
+        (b"{not json", "body"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+        ({"messages": [{"role": "user", "content": "word " * 5000}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "thinking_budget": "lots"}, "thinking_budget"),
+        ({"messages": "hi"}, "messages"),
+    ]
+    for body, field in bad:
+        status, _, reply = _post(url, body)
+        assert status == 400 and reply["error"]["param"] == field, (body, reply)
+    thread.join()
+    assert len(answers) == 1 and answers[0].strip() == expected.answer.strip()
+
+
+def test_past_the_queue_the_server_answers_429_with_a_retry_hint(engine_server, model):
+    url, _, app = engine_server
+    body = {"messages": LONG, "max_tokens": 300}
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: _post(url, body), range(8)))
+    statuses = sorted(status for status, _, _ in replies)
+    assert statuses.count(200) >= 2 and 429 in statuses and set(statuses) <= {200, 429}, statuses
+    for status, headers, reply in replies:
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1 and "busy" in reply["error"]["message"]
+            assert reply["error"]["type"] == "rate_limit_error"
+    answers = {reply["choices"][0]["message"]["content"] for status, _, reply in replies if status == 200}
+    assert len(answers) == 1  # every accepted request got the same, whole answer
+    assert _stats(url)["refused"] == statuses.count(429)
+
+
+def test_a_shared_system_prompt_hits_the_prefix_cache(engine_server, model):
+    url, client, _ = engine_server
+    system = {"role": "system", "content": "You work out arithmetic step by step and put the result in a box."}
+    before = _stats(url)["prefix_cache"]
+    for q in QUESTIONS:
+        reply = client.chat.completions.create(model="nano-tiny", messages=[system, {"role": "user", "content": q}],
+                                               extra_body={"thinking_budget": 16})
+        local = nano.generate(model, [system, {"role": "user", "content": q}], budget=16, max_new_tokens=256)
+        assert reply.choices[0].message.content.strip() == local.answer.strip()
+    after = _stats(url)["prefix_cache"]
+    assert after["lookups"] - before["lookups"] == len(QUESTIONS)
+    assert after["hits"] - before["hits"] == len(QUESTIONS) - 1  # all but the first

@@ -8,10 +8,11 @@ budget is per request: `thinking_budget` (tokens of reasoning; 0 turns reasoning
 turns reasoning off), or NVIDIA's `nvext: {max_thinking_tokens}`; `thinking_grace` (top level or
 in `chat_template_kwargs`) sets the window to finish a line.
 
-Requests are batched: one worker thread takes whatever requests are waiting (up to `max_batch`, those
-with the same sampling settings) and runs them as one `nano.generate` batch through the same budget
-controller, streaming each row to its request. A client that disconnects stops receiving, and a
-batch whose clients have all gone stops early, freeing the worker for the next one.
+Requests run continuously by default (`demos.workstation.batching`): each joins the engine's running
+batch as soon as a slot is free, prefilled in chunks between decode steps, so a request never waits
+for another to finish; a full queue is answered 429 with a Retry-After hint. `batching="static"`
+runs waiting requests as whole `nano.generate` batches instead (for comparison). A client that
+disconnects frees its slot at the next step.
 """
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at
 # definition time, inside create_app.
@@ -19,102 +20,12 @@ batch whose clients have all gone stops early, freeing the worker for the next o
 
 import asyncio
 import json
-import queue
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nano
-
-DONE = object()  # the end of a request's events
-
-
-@dataclass
-class Ticket:
-    """One request waiting for, or in, a batch: its events arrive on `events`."""
-
-    prompt: Any
-    budget: int | None
-    grace: int | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    loop: asyncio.AbstractEventLoop | None = None  # the server's loop, which reads `events`
-    events: asyncio.Queue | None = None
-    gone: threading.Event = field(default_factory=threading.Event)  # the client disconnected
-    result: Any = None
-    error: str | None = None
-
-    def key(self) -> tuple:
-        return (self.temperature, self.top_p, self.seed)
-
-    def put(self, item) -> None:
-        """From the worker thread: hand an event (or DONE) to the request's coroutine."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-
-
-class Batcher:
-    """Runs waiting requests in batches through `nano.generate` on one worker thread."""
-
-    def __init__(self, model, max_batch: int = 8, gather_s: float = 0.01):
-        self.model, self.max_batch, self.gather_s = model, max_batch, gather_s
-        self.waiting: queue.Queue[Ticket] = queue.Queue()
-        self.batches = 0  # batches run, and the largest, for the page and the load test
-        self.largest = 0
-        threading.Thread(target=self._work, daemon=True, name="nano-batcher").start()
-
-    def submit(self, ticket: Ticket) -> Ticket:
-        self.waiting.put(ticket)
-        return ticket
-
-    def _gather(self) -> list[Ticket]:
-        first = self.waiting.get()
-        batch, others = [first], []
-        deadline = time.monotonic() + self.gather_s
-        while len(batch) < self.max_batch:
-            try:
-                ticket = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            (batch if ticket.key() == first.key() else others).append(ticket)
-        for ticket in others:  # different sampling settings: the next batch
-            self.waiting.put(ticket)
-        return [t for t in batch if not t.gone.is_set()]
-
-    def _work(self) -> None:
-        while True:
-            batch = self._gather()
-            if not batch:
-                continue
-            self.batches += 1
-            self.largest = max(self.largest, len(batch))
-            try:
-                self._run(batch)
-            except Exception as e:  # a failed batch fails its requests, not the server
-                for ticket in batch:
-                    ticket.error = f"{type(e).__name__}: {e}"
-            for ticket in batch:
-                ticket.put(DONE)
-
-    def _run(self, batch: list[Ticket]) -> None:
-        first = batch[0]
-        stream = nano.generate(  # a row's budget of 0 turns its reasoning off
-            self.model, [t.prompt for t in batch], budget=[t.budget for t in batch], grace=[t.grace for t in batch],
-            max_new_tokens=max(t.max_tokens for t in batch), temperature=first.temperature, top_p=first.top_p,
-            seed=first.seed, stream=True,
-        )
-        for event in stream:
-            ticket = batch[event.row]
-            if not ticket.gone.is_set():
-                ticket.put(event)
-            if all(t.gone.is_set() for t in batch):
-                return  # everyone left: stop here
-        for ticket, result in zip(batch, stream.result):
-            ticket.result = result
+from .batching import DONE, Busy, ContinuousBatcher, StaticBatcher, Ticket
 
 
 class RequestError(ValueError):
@@ -200,20 +111,34 @@ def _usage(result) -> dict:
             "completion_tokens_details": {"reasoning_tokens": result.reasoning_tokens}}
 
 
-def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: int = 1024):
-    """The FastAPI application serving `model` (a `nano.Model`) as `model_name`."""
+def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: int = 1024,
+               batching: str = "continuous", context: int | None = None, max_waiting: int | None = None,
+               prefix_cache: int = 0):
+    """The FastAPI application serving `model` (a `nano.Model`) as `model_name`.
+
+    `batching` "continuous" runs an engine of `max_batch` slots of `context` tokens (the model's
+    context by default) with `prefix_cache` bytes of prefix snapshots, refusing requests past
+    `max_waiting` queued (4 per slot by default); "static" runs batches of up to `max_batch`.
+    """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
+    if batching == "continuous":
+        batcher = ContinuousBatcher(model, slots=max_batch, context=context, max_waiting=max_waiting,
+                                    prefix_cache=prefix_cache)
+    elif batching == "static":
+        batcher = StaticBatcher(model, max_batch)
+    else:
+        raise ValueError(f"batching must be 'continuous' or 'static', got {batching!r}")
     app = FastAPI(title="nanokit", docs_url=None, redoc_url=None)
-    batcher = Batcher(model, max_batch)
     app.state.batcher = batcher
     created = int(time.time())
 
-    def error(status: int, message: str, field_name: str | None = None, kind: str = "invalid_request_error"):
-        return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": field_name,
-                                                                   "code": None}})
+    def error(status: int, message: str, field_name: str | None = None, kind: str = "invalid_request_error",
+              headers: dict | None = None):
+        return JSONResponse(status_code=status, headers=headers,
+                            content={"error": {"message": message, "type": kind, "param": field_name, "code": None}})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_json(request, exc):
@@ -228,7 +153,7 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
     @app.get("/stats")
     async def stats():
         return {"memory_bytes": memory_in_use(model), "memory_kind": "on the GPU" if model.device.type == "cuda" else
-                "resident", "batches": batcher.batches, "largest_batch": batcher.largest}
+                "resident", **batcher.stats()}
 
     @app.get("/v1/models")
     async def models():
@@ -247,7 +172,14 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
             return error(404, f"model: {body.get('model')!r} is not served here; this server has {model_name!r}",
                          "model", "model_not_found")
         ticket.loop, ticket.events = asyncio.get_running_loop(), asyncio.Queue()
-        batcher.submit(ticket)
+        try:
+            batcher.submit(ticket)
+        except Busy as e:
+            return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": str(e.retry_after)})
+        except ValueError as e:  # a setting or prompt the engine refuses, named in the message
+            message = str(e)
+            field_name = ("messages" if chat else "prompt") if message.startswith("the prompt") else message.split()[0]
+            return error(400, message, field_name if field_name in body or field_name in ("messages", "prompt") else None)
         name = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.get("stream"):
             return StreamingResponse(_stream(request, ticket, name, chat), media_type="text/event-stream")
