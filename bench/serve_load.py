@@ -1,27 +1,40 @@
-"""Load test of `nanokit serve`: N concurrent streaming clients on loopback for a bounded time.
+"""Load test of `nanokit serve`: continuous against static batching, in one run, at several loads.
 
-Starts the server in this process (uvicorn on a free port), then `--clients` threads each send
-streaming chat requests with the official openai client until `--seconds` have passed. Every prompt
-is an arithmetic question whose greedy answer is known beforehand (from `nano.generate` alone), so a
-response mixed up with another's is caught. Reports requests, errors, mix-ups, latency percentiles
-(time to first token and to the end), tokens/s over all clients, and the batches the server ran.
+For each batching (`--batching`, both by default) one server is started in this process (uvicorn
+on loopback) with `--max-batch` slots (or batch rows), warmed up (every batch size it will meet is
+compiled and captured before the clock starts), then loaded by each of `--clients` concurrent
+streaming clients in turn for `--seconds`: each client sends a request, reads its stream to the
+end, and sends the next. The clients run in a child process (threads, http.client), so they do not
+take the server's interpreter lock.
 
-    python -m bench.serve_load --clients 8 --seconds 60
+Workloads (`--workload`):
+- arithmetic: nano-tiny's questions (`nano.arithmetic`), `--max-tokens` 512;
+- system-prompt: the same questions after one shared system prompt of about `--system-tokens`
+  tokens: the prefix cache's hit rate and the tokens it saved are reported;
+- long: prompts of `--prompt-tokens` random characters (one token each with the byte-level
+  tokenizer of the random-weight shapes) and answers of `--max-tokens`.
+
+Mix-ups. With a trained model (nano-tiny) every question's greedy answer alone is computed first
+(`nano.generate`); a response is `mismatched` if it differs, and `mixed_up` if it is another
+question's answer. With random weights (`--shape`) answers carry no meaning, so each request asks
+for its own number of tokens (`--max-tokens` less 0..15 by request) from a model that never ends
+its turn: a response whose token count is not the one it asked for is `mixed_up`.
+
+    python -m bench.serve_load --model nano-tiny --clients 8 32 64 --seconds 30
+    python -m bench.serve_load --shape nano-9b-v2 --clients 8 32 64 --seconds 30
+    python -m bench.serve_load --shape nano-9b-v2 --workload long --prompt-tokens 32768 --max-tokens 1024 --clients 16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import queue
 import random
 import socket
+import string
 import threading
 import time
-
-
-from bench.record import write
-
-import nano
-from nano.arithmetic import sample
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -29,26 +42,100 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def main() -> None:
-    import openai
+# The clients: a child process, torch-free.
+
+def _one_request(host: str, port: int, job: dict) -> dict:
+    """Send one streaming chat request and read it to the end; what came back, and when."""
+    import http.client
+
+    body = {"model": "model", "messages": job["messages"], "stream": True, "max_tokens": job["max_tokens"],
+            "stream_options": {"include_usage": True}}
+    if job.get("budget") is not None:
+        body["thinking_budget"] = job["budget"]
+    began = time.perf_counter()
+    first, answer, usage, error, status, retry = None, "", None, None, None, None
+    connection = http.client.HTTPConnection(host, port, timeout=3600)
+    try:
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        status = reply.status
+        if status != 200:
+            error = f"HTTP {status}: {reply.read()[:200]!r}"
+            retry = reply.getheader("retry-after")
+        else:
+            for raw in reply:  # server-sent events, a line at a time
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    error = data["error"]["message"]
+                    continue
+                if data.get("usage"):
+                    usage = data["usage"]
+                for choice in data.get("choices", []):
+                    delta = choice.get("delta", {})
+                    if delta.get("content") or delta.get("reasoning_content"):
+                        first = first or time.perf_counter()
+                        answer += delta.get("content") or ""
+    except Exception as e:  # counted, not raised: the report says how many
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        connection.close()
+    end = time.perf_counter()
+    return dict(job=job["index"], status=status, error=error, retry_after=float(retry) if retry else None,
+                first=(first or end) - began, total=end - began, tokens=(usage or {}).get("completion_tokens", 0),
+                answer=answer)
+
+
+def _client_process(url: str, jobs: list[dict], clients: int, seconds: float, out) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    records, lock = [], threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(index: int) -> None:
+        turn = index
+        while time.perf_counter() < stop_at or (seconds <= 0 and turn == index):  # at least once
+            record = _one_request(host, int(port), jobs[turn % len(jobs)])
+            if record["status"] == 429:  # refused: come back when the server says
+                time.sleep(record["retry_after"] or 1.0)
+            turn += clients
+            with lock:
+                records.append(record)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put(dict(records=records, wall=time.perf_counter() - began))
+
+
+def load(url: str, jobs: list[dict], clients: int, seconds: float) -> tuple[list[dict], float]:
+    """Records of `clients` closed-loop streaming clients over `jobs` for `seconds`, and the wall time."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    child = context.Process(target=_client_process, args=(url, jobs, clients, seconds, out))
+    child.start()
+    while True:
+        try:
+            result = out.get(timeout=5)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"the client process ended with status {child.exitcode} and no results") from None
+    child.join()
+    return result["records"], result["wall"]
+
+
+# The server side.
+
+def _serve(app):
     import uvicorn
 
-    from demos.workstation.server import create_app
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="nano-tiny")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--questions", type=int, default=24)
-    parser.add_argument("--device")
-    args = parser.parse_args()
-
-    model = nano.load(args.model, device=args.device)
-    rng = random.Random(7)
-    questions = [sample(rng).question for _ in range(args.questions)]
-    expected = {q: g.answer.strip() for q, g in zip(questions, nano.generate(model, questions, max_new_tokens=512))}
-    app = create_app(model, "model", max_batch=args.max_batch, default_max_tokens=512)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -56,55 +143,132 @@ def main() -> None:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
+    return server, f"http://127.0.0.1:{port}"
 
-    records, lock = [], threading.Lock()
-    stop_at = time.perf_counter() + args.seconds
 
-    def client(index: int) -> None:
-        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
-        turn = index
-        while time.perf_counter() < stop_at:
-            question = questions[turn % len(questions)]
-            turn += args.clients
-            began, first, answer, error, tokens = time.perf_counter(), None, "", None, 0
-            try:
-                for chunk in api.chat.completions.create(model="model", messages=[{"role": "user", "content": question}],
-                                                         stream=True, max_tokens=512):
-                    delta = chunk.choices[0].delta if chunk.choices else None
-                    if delta is not None and (delta.content or getattr(delta, "reasoning_content", None)):
-                        first = first or time.perf_counter()
-                        answer += delta.content or ""
-                    if chunk.usage:
-                        tokens = chunk.usage.completion_tokens
-            except Exception as e:  # counted, not raised: the report says how many
-                error = f"{type(e).__name__}: {e}"
-            with lock:
-                records.append(dict(first=(first or time.perf_counter()) - began, total=time.perf_counter() - began,
-                                    tokens=tokens, error=error, mixed=error is None and answer.strip() != expected[question]))
+def jobs_for(args, model, trained: bool) -> tuple[list[dict], dict]:
+    """The requests of the workload, and each question's expected answer alone (trained models)."""
+    import nano
+    from nano.arithmetic import sample
 
-    began = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
-    server.should_exit = True
+    rng = random.Random(7)
+    system = None
+    if args.workload == "system-prompt":
+        words = " ".join(rng.choice(["Work", "out", "each", "step", "on", "a", "line", "of", "its", "own", "then",
+                                     "box", "the", "result", "carefully", "and", "check", "it"])
+                         for _ in range(args.system_tokens // 4))
+        system = {"role": "system", "content": words}
+    jobs, expected = [], {}
+    for i in range(args.questions):
+        if args.workload == "long":
+            text = "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(args.prompt_tokens))
+        else:
+            text = sample(rng).question
+        messages = ([system] if system else []) + [{"role": "user", "content": text}]
+        max_tokens = args.max_tokens if trained else args.max_tokens - i % 16
+        jobs.append(dict(index=i, messages=messages, max_tokens=max_tokens, budget=args.budget))
+    if trained:
+        results = nano.generate(model, [j["messages"] for j in jobs], budget=args.budget, max_new_tokens=args.max_tokens)
+        expected = {j["index"]: r.answer for j, r in zip(jobs, results)}
+    return jobs, expected
+
+
+def summarise(records: list[dict], wall: float, jobs: list[dict], expected: dict) -> dict:
     done = [r for r in records if r["error"] is None]
-    row = dict(
-        clients=args.clients, seconds=round(wall, 1), requests=len(records), errors=len(records) - len(done),
-        mixed_up=sum(r["mixed"] for r in done), tokens_per_s=round(sum(r["tokens"] for r in done) / wall, 1),
+    refused = sum(r["status"] == 429 for r in records)
+    if expected:
+        answers = set(expected.values())
+        mismatched = [r for r in done if r["answer"] != expected[r["job"]]]
+        mixed = [r for r in mismatched if r["answer"] in answers]
+    else:
+        mismatched = mixed = [r for r in done if r["tokens"] != jobs[r["job"]]["max_tokens"]]
+    return dict(
+        requests=len(records), errors=len(records) - len(done) - refused, refused_429=refused,
+        mixed_up=len(mixed), mismatched=len(mismatched), seconds=round(wall, 1),
+        tokens_per_s=round(sum(r["tokens"] for r in done) / wall, 1),
         first_token_p50_s=round(percentile([r["first"] for r in done], 0.5), 3),
         first_token_p95_s=round(percentile([r["first"] for r in done], 0.95), 3),
         latency_p50_s=round(percentile([r["total"] for r in done], 0.5), 3),
         latency_p95_s=round(percentile([r["total"] for r in done], 0.95), 3),
         latency_p99_s=round(percentile([r["total"] for r in done], 0.99), 3),
-        batches=app.state.batcher.batches, largest_batch=app.state.batcher.largest,
     )
-    errors = sorted({r["error"] for r in records if r["error"]})[:3]
-    write(f"serve-load-{args.model}-{'cuda' if model.device.type == 'cuda' else 'cpu'}", [row], list(row),
-          str(model.device), model=args.model, runtime=model.runtime_name(), max_batch=args.max_batch,
-          first_errors=errors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="nano-tiny", help="a checkpoint (ignored with --shape)")
+    parser.add_argument("--shape", help="a published shape with random weights (nano.shapes), e.g. nano-9b-v2")
+    parser.add_argument("--workload", choices=("arithmetic", "system-prompt", "long"), default="arithmetic")
+    parser.add_argument("--batching", nargs="+", choices=("continuous", "static"), default=["static", "continuous"])
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--max-batch", type=int, help="slots or batch rows (default: the most clients)")
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--budget", type=int, help="thinking budget of every request (default: none)")
+    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--system-tokens", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=int, default=32768)
+    parser.add_argument("--prefix-cache-mib", type=int, default=1024)
+    parser.add_argument("--device")
+    parser.add_argument("--tag", default="", help="added to the results file's name")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    from bench.record import write
+    import nano
+    from demos.workstation.server import create_app
+
+    transformers.logging.set_verbosity_error()
+    if args.shape:
+        from bench.random_weights import random_model
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = random_model(args.shape, device, endless=True)
+        name = args.shape
+    else:
+        model = nano.load(args.model, device=args.device)
+        name = args.model
+    trained = not args.shape
+    jobs, expected = jobs_for(args, model, trained)
+    longest = max(len(model.chat.encode(model.chat.render(j["messages"])[0])) for j in jobs)
+    context = longest + args.max_tokens + 8
+    slots = args.max_batch or max(args.clients)
+    rows, extra = [], {}
+    for batching in args.batching:
+        app = create_app(model, "model", max_batch=slots, default_max_tokens=args.max_tokens, batching=batching,
+                         context=context, prefix_cache=args.prefix_cache_mib * 2**20)
+        server, url = _serve(app)
+        warm = [dict(j, max_tokens=8, index=i) for i, j in enumerate((jobs * slots)[:slots])]
+        began = time.perf_counter()
+        load(url, warm, slots, 0.0)  # every client sends one request: all batch sizes up to `slots` are met
+        warm_up_s = time.perf_counter() - began
+        for clients in args.clients:
+            before = app.state.batcher.stats()
+            records, wall = load(url, jobs, clients, args.seconds)
+            after = app.state.batcher.stats()
+            row = dict(batching=batching, clients=clients, **summarise(records, wall, jobs, expected),
+                       largest_batch=after["largest_batch"], warm_up_s=round(warm_up_s, 1))
+            if batching == "continuous":
+                hits = after["prefix_cache"]["hits"] - before["prefix_cache"]["hits"]
+                lookups = after["prefix_cache"]["lookups"] - before["prefix_cache"]["lookups"]
+                row.update(prefix_hit_rate=round(hits / lookups, 3) if lookups else 0.0,
+                           prefix_tokens_reused=after["prefix_cache"]["tokens_reused"]
+                           - before["prefix_cache"]["tokens_reused"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        server.should_exit = True
+        extra[f"{batching}_server"] = app.state.batcher.stats()
+    columns = ["batching", "clients", "requests", "errors", "refused_429", "mixed_up", "mismatched", "tokens_per_s",
+               "first_token_p50_s", "first_token_p95_s", "latency_p50_s", "latency_p95_s", "latency_p99_s",
+               "largest_batch", "prefix_hit_rate"]
+    device = str(model.device)
+    suffix = f"-{args.workload}" if args.workload != "arithmetic" else ""
+    write(f"serve-load-{name}{suffix}-{'cuda' if model.device.type == 'cuda' else 'cpu'}{args.tag}", rows, columns,
+          device, model=name, runtime=model.runtime_name(), dtype=str(model.dtype), slots_or_rows=slots,
+          context=context, workload=args.workload, max_tokens=args.max_tokens, budget=args.budget,
+          seconds_per_load=args.seconds, mixed_up_check="answers alone" if trained else "token counts", **extra)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ class Engine:
         decoding = [s for s, r in enumerate(self.in_slot) if r is not None and r.state == "decoding"]
         if decoding:
             rows = next(b for b in self.buckets if b > max(decoding))
-            token, kind, done = self._step(rows)(self.tokens[:rows])
+            greedy = all(self.in_slot[s].temperature == 0 for s in decoding)
+            token, kind, done = self._step(rows, greedy)(self.tokens[:rows])
             token, kind, done = torch.stack([token, kind, done.long()]).tolist()  # one read from the device
             for s in decoding:
                 out.append(self._take(self.in_slot[s], token[s], kind[s], done[s]))
@@ -250,34 +251,40 @@ class Engine:
         slot = request.slot
         # The controller row starts only now: until this step the slot was a padding row of the decode steps.
         self.controller.admit(slot, request.ready.budget, request.grace, request.ready.thinking, request.max_new)
-        token, kind = self._choose(logits, self.controller.rows(slot, slot + 1), slice(slot, slot + 1))
+        token, kind = self._choose(logits, self.controller.rows(slot, slot + 1), slice(slot, slot + 1),
+                                   request.temperature == 0)
         self.tokens[slot] = token[0]
         self.positions[slot] = len(ids)
         request.state = "decoding"
         self.live[slot] = True
         return [self._take(request, int(token[0]), int(kind[0]), bool(self.controller.done[slot]))]
 
-    def _choose(self, logits, controller: BudgetController, rows: slice):
+    def _choose(self, logits, controller: BudgetController, rows: slice, greedy: bool):
         logits[:, self.decodable:] = float("-inf")
         controller.mask_logits(logits)
-        sampled = sample_rows(logits, self.temperature[rows], self.top_p[rows], self.seed[rows], controller.generated)
+        if greedy:  # every row at temperature 0: the sampler's sort and noise over the vocabulary are not needed
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = sample_rows(logits, self.temperature[rows], self.top_p[rows], self.seed[rows],
+                                  controller.generated)
         return controller.advance(sampled)
 
-    def _step(self, rows: int):
-        """The decode step of the first `rows` slots: model, controller and sampler (a CUDA graph on a GPU)."""
-        if rows not in self._steps:
+    def _step(self, rows: int, greedy: bool):
+        """The decode step of the first `rows` slots: model, controller and sampler (a CUDA graph on a
+        GPU, one per bucket, and one more where any row samples)."""
+        if (rows, greedy) not in self._steps:
             controller, span = self.controller.rows(0, rows), slice(0, rows)
             positions, live = self.positions[:rows], self.live[:rows]
 
             @torch.no_grad()
             def step(tokens):
                 logits = self.runtime.step_slots(tokens, positions, live)
-                token, kind = self._choose(logits, controller, span)
+                token, kind = self._choose(logits, controller, span, greedy)
                 positions.add_(live)
                 return token, kind, controller.done
 
-            self._steps[rows] = self.runtime.graphed(step)
-        return self._steps[rows]
+            self._steps[rows, greedy] = self.runtime.graphed(step)
+        return self._steps[rows, greedy]
 
     def _take(self, request: Request, token: int, kind: int, done: bool) -> Token:
         slot = request.slot

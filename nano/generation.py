@@ -132,8 +132,9 @@ def _prepare(model, prompt, budget, grace, think, max_new_tokens) -> _Prepared:
     rows = len(prompts)
     budgets = _per_row(budget, "budget", rows, batched)
     graces = _per_row(grace, "grace", rows, batched)
-    ready = [prepare_prompt(model, p, b, think, max_new_tokens, f"prompt {i}" if batched else "the prompt")
-             for i, (p, b) in enumerate(zip(prompts, budgets))]
+    limits = _per_row(max_new_tokens, "max_new_tokens", rows, batched)
+    ready = [prepare_prompt(model, p, b, think, n, f"prompt {i}" if batched else "the prompt")
+             for i, (p, b, n) in enumerate(zip(prompts, budgets, limits))]
     controller = BudgetController(
         model.chat.think,
         model.chat.line_end_ids,
@@ -319,7 +320,7 @@ def generate(
     budget: int | None | Sequence[int | None] = None,
     grace: int | None | Sequence[int | None] = None,
     think: bool = True,
-    max_new_tokens: int = 1024,
+    max_new_tokens: int | Sequence[int] = 1024,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
@@ -328,13 +329,14 @@ def generate(
     """Generate a response with the reasoning cut near `budget` tokens, in one pass.
 
     `prompt` is a string (one user turn), a list of chat messages, or a list of either (a batch,
-    with `budget` and `grace` then allowed one per row). `budget` counts reasoning tokens; at it
+    with `budget`, `grace` and `max_new_tokens` then allowed one per row). `budget` counts reasoning tokens; at it
     the model may finish its line within `grace` more tokens (default 10% of the budget, at least
     one), then `</think>` is forced and the answer follows. `budget=0` or `think=False` turns
     reasoning off; `None` sets no limit. Returns a `Generation` (a list for a batch), or with
     `stream=True` a `Stream` of `Event`s.
     """
-    _check_sampling(max_new_tokens, temperature, top_p)
+    for limit in max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens]:
+        _check_sampling(limit, temperature, top_p)
     prepared = _prepare(model, prompt, budget, grace, think, max_new_tokens)
     steps = _decode_steps(model, prepared, temperature, top_p, seed)
     if stream:

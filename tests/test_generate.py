@@ -138,3 +138,14 @@ def test_generation_stops_at_the_context(tiny):
     prompt_tokens = len(tiny.chat.encode(tiny.chat.render("x" * (context - 60))[0]))
     g = nano.generate(tiny, "x" * (context - 60), max_new_tokens=1000)
     assert prompt_tokens + len(g.token_ids) <= context
+
+
+def test_max_new_tokens_per_row_equals_each_row_alone(tiny):
+    prompts, limits = ["hello", "what is 2+2?", "tell me a story"], [3, 9, 1]
+    batch = nano.generate(tiny, prompts, max_new_tokens=limits)
+    assert batch == [nano.generate(tiny, p, max_new_tokens=n) for p, n in zip(prompts, limits)]
+    assert [len(g.token_ids) for g in batch] == limits  # random weights: no row ends its turn this early
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
+        nano.generate(tiny, prompts, max_new_tokens=[3, 0, 1])
+    with pytest.raises(ValueError, match=r"max_new_tokens has 2 entries \(\[3, 4\]\) for a batch of 3 prompts"):
+        nano.generate(tiny, prompts, max_new_tokens=[3, 4])

@@ -212,7 +212,7 @@ class StaticBatcher:
         first = batch[0]
         stream = nano.generate(  # a row's budget of 0 turns its reasoning off
             self.model, [t.prompt for t in batch], budget=[t.budget for t in batch], grace=[t.grace for t in batch],
-            max_new_tokens=max(t.max_tokens for t in batch), temperature=first.temperature, top_p=first.top_p,
+            max_new_tokens=[t.max_tokens for t in batch], temperature=first.temperature, top_p=first.top_p,
             seed=first.seed, stream=True,
         )
         for event in stream:
