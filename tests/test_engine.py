@@ -22,7 +22,7 @@ BUDGETS = [6, None, 0, 3, 12]
 @pytest.fixture(scope="module")
 def fast(tiny_dir):
     """The tiny model through the fast runtime, which the engine runs (the same arithmetic as alone)."""
-    model = nano.load(tiny_dir)
+    model = nano.load(tiny_dir, device="cpu")
     model.runtime = "fast"
     return model
 
