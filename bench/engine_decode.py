@@ -1,11 +1,11 @@
 """Decode through the continuous-batching engine against `nano.generate`, at a published shape with
 random weights, on a GPU: batch 1 against the bandwidth roofline, and full batches.
 
-For each batch size B the engine (B slots) runs B requests of `--new-tokens` and of 8 tokens; the
-difference of the two times over the difference of tokens is the decode rate (prefill, admission
-and graph capture cancel out), the median of `--repeats` pairs. `nano.generate` (the fast runtime,
-one static batch) is measured the same way in the same process, and the roofline is the weights
-read once per token at the measured device-to-device copy bandwidth.
+For each batch size B the engine (B slots) admits B requests, then `--new-tokens` steps are timed
+with all B decoding (the median of three, after one to warm up). `nano.generate` (the fast
+runtime, one static batch) is measured in the same process as `bench.runtime` measures it (long
+less short generations, so prefill and capture cancel), and the roofline is the weights read once
+per token at the measured device-to-device copy bandwidth.
 
     python -m bench.engine_decode --shape nano-9b-v2 --batches 1 8 32 64
 """
@@ -28,20 +28,24 @@ from nano.shapes import SHAPES
 PROMPT = "What is 347 + 58 * 6 - 12? " * 4
 
 
-def engine_rate(engine: Engine, rows: int, new_tokens: int, base: int = 8, repeats: int = 3) -> float:
-    def run(n: int) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.generate([PROMPT] * rows, max_new_tokens=n)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    run(base)  # warm-up: kernels compiled, the buckets met on the way captured
+def engine_rate(engine: Engine, rows: int, new_tokens: int, repeats: int = 3) -> float:
+    """Tokens/s of the engine's decode with `rows` requests decoding: admitted one by one as a server
+    admits them, then `new_tokens` steps timed; the median of `repeats` (after one to warm up)."""
     rates = []
-    for _ in range(repeats):
-        short, long = run(base), run(base + new_tokens)
-        rates.append(rows * new_tokens / (long - short))
-    return sorted(rates)[len(rates) // 2]
+    for _ in range(repeats + 1):
+        requests = [engine.submit(PROMPT, max_new_tokens=new_tokens + rows + 16) for _ in range(rows)]
+        while any(r.state != "decoding" for r in requests):
+            engine.step()
+        torch.cuda.synchronize()
+        start, before = time.perf_counter(), sum(len(r.tokens) for r in requests)
+        for _ in range(new_tokens):
+            engine.step()
+        torch.cuda.synchronize()
+        rates.append((sum(len(r.tokens) for r in requests) - before) / (time.perf_counter() - start))
+        for r in requests:
+            engine.cancel(r)
+        engine.run()
+    return sorted(rates[1:])[len(rates[1:]) // 2]
 
 
 def main() -> None:

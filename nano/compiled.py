@@ -16,8 +16,21 @@ import warnings
 import torch
 
 
+# Each piece is compiled once per shape it meets: batch sizes (the engine's buckets), layer widths,
+# the engine's padding mask or none. Dynamo's default of 8 compilations per function is too few, and
+# past it a fullgraph compile fails and the piece would run uncompiled for the rest of the process.
+RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+
+
 class _Compiled:
     def __init__(self, fn):
+        _raise_recompile_limit()
         self.fn = fn
         self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)
         self.failed = False

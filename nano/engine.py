@@ -122,7 +122,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()
         self.in_slot: list[Request | None] = [None] * slots
-        self._steps: dict[int, object] = {}
+        self._steps: dict[tuple[int, bool], object] = {}
+        self._pending: tuple[_Readback, list[tuple[int, Request]]] | None = None  # the decode step not yet read
         self._ids = itertools.count()
         self.name = f"engine of {slots} slots x {self.context} tokens, {self.runtime.name}"
 
@@ -181,7 +182,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.live.any())
+        return bool(self.waiting or self.prefilling or self._pending or any(r is not None for r in self.in_slot))
 
     def active(self) -> int:
         """Requests admitted and not finished."""
@@ -190,17 +191,32 @@ class Engine:
     # The loop.
 
     def step(self) -> list[Token]:
-        """Admit, run one prefill chunk, run one decode step; the tokens produced, in slot order."""
+        """Admit, run one prefill chunk, launch one decode step, then read the decode step launched by
+        the call before; the tokens produced (the prefill's first, the earlier step's), in slot order.
+
+        Reading a step one call late lets the device run it while the host reads and hands out the
+        one before: the step's input tokens stay on the device, and a request the host does not yet
+        know has finished runs one step more as a padding row of its own slot."""
         self._admit()
         out = self._prefill_chunk()
         decoding = [s for s, r in enumerate(self.in_slot) if r is not None and r.state == "decoding"]
+        launched = None
         if decoding:
             rows = next(b for b in self.buckets if b > max(decoding))
             greedy = all(self.in_slot[s].temperature == 0 for s in decoding)
             token, kind, done = self._step(rows, greedy)(self.tokens[:rows])
-            token, kind, done = torch.stack([token, kind, done.long()]).tolist()  # one read from the device
-            for s in decoding:
-                out.append(self._take(self.in_slot[s], token[s], kind[s], done[s]))
+            launched = (_Readback(torch.stack([token, kind, done.long()])), [(s, self.in_slot[s]) for s in decoding])
+        if self._pending is not None:
+            out += self._collect(*self._pending)
+        self._pending = launched
+        return out
+
+    def _collect(self, readback: _Readback, rows: list[tuple[int, Request]]) -> list[Token]:
+        token, kind, done = readback.values()
+        out = []
+        for s, request in rows:
+            if self.in_slot[s] is request and request.state == "decoding":  # not cancelled or ended meanwhile
+                out.append(self._take(request, token[s], kind[s], done[s]))
         return out
 
     def run(self) -> None:
@@ -281,6 +297,7 @@ class Engine:
                 logits = self.runtime.step_slots(tokens, positions, live)
                 token, kind = self._choose(logits, controller, span, greedy)
                 positions.add_(live)
+                self.tokens[:rows].copy_(token)  # the next step's input, without a trip through the host
                 return token, kind, controller.done
 
             self._steps[rows, greedy] = self.runtime.graphed(step)
@@ -288,7 +305,6 @@ class Engine:
 
     def _take(self, request: Request, token: int, kind: int, done: bool) -> Token:
         slot = request.slot
-        self.tokens[slot] = token
         if kind != PAD:
             request.tokens.append(token)
             request.kinds.append(kind)
@@ -310,6 +326,24 @@ class Engine:
 
     def _result(self, request: Request, hit: bool) -> Generation:
         return _generation(self.model.tokenizer, request.tokens, request.kinds, hit, len(request.prompt_ids))
+
+
+class _Readback:
+    """A small device tensor copied to the host in the background; `values()` waits for it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.is_cuda:
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = tensor, None
+
+    def values(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def _powers_of_two(limit: int) -> list[int]:
