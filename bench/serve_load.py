@@ -18,7 +18,8 @@ Mix-ups. With a trained model (nano-tiny) every question's greedy answer alone i
 (`nano.generate`); a response is `mismatched` if it differs, and `mixed_up` if it is another
 question's answer. With random weights (`--shape`) answers carry no meaning, so each request asks
 for its own number of tokens (`--max-tokens` less 0..15 by request) from a model that never ends
-its turn: a response whose token count is not the one it asked for is `mixed_up`.
+its turn: a response whose token count (usage.completion_tokens, every generated token) is not the
+one it asked for is `mixed_up`. A few mismatches of each load are kept in the results file.
 
     python -m bench.serve_load --model nano-tiny --clients 8 32 64 --seconds 30
     python -m bench.serve_load --shape nano-9b-v2 --clients 8 32 64 --seconds 30
@@ -182,7 +183,11 @@ def summarise(records: list[dict], wall: float, jobs: list[dict], expected: dict
         mixed = [r for r in mismatched if r["answer"] in answers]
     else:
         mismatched = mixed = [r for r in done if r["tokens"] != jobs[r["job"]]["max_tokens"]]
+    samples = [dict(job=r["job"], got=r["answer"][-120:] if expected else r["tokens"],
+                    expected=expected[r["job"]][-120:] if expected else jobs[r["job"]]["max_tokens"])
+               for r in mismatched[:5]]
     return dict(
+        mismatch_samples=samples,
         requests=len(records), errors=len(records) - len(done) - refused, refused_429=refused,
         mixed_up=len(mixed), mismatched=len(mismatched), seconds=round(wall, 1),
         tokens_per_s=round(sum(r["tokens"] for r in done) / wall, 1),

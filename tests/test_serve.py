@@ -242,3 +242,14 @@ def test_a_shared_system_prompt_hits_the_prefix_cache(engine_server, model):
     after = _stats(url)["prefix_cache"]
     assert after["lookups"] - before["lookups"] == len(QUESTIONS)
     assert after["hits"] - before["hits"] == len(QUESTIONS) - 1  # all but the first
+
+
+def test_usage_counts_every_generated_token_up_to_max_tokens(server):
+    client, _, model = server
+    local = nano.generate(model, QUESTIONS[0], budget=8, max_new_tokens=256)
+    reply = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                           extra_body={"thinking_budget": 8})
+    assert reply.usage.completion_tokens == len(local.token_ids) > local.reasoning_tokens + local.answer_tokens
+    cut = client.chat.completions.create(model="nano-tiny", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                         max_tokens=5)
+    assert cut.usage.completion_tokens == 5 and cut.choices[0].finish_reason == "length"

@@ -105,7 +105,9 @@ def memory_in_use(model) -> int:
 
 
 def _usage(result) -> dict:
-    completion = result.reasoning_tokens + result.answer_tokens
+    """OpenAI's usage: completion tokens are every token generated (the think tags, forced tokens and the
+    end token too: what max_tokens bounds), of which reasoning tokens are those inside reasoning."""
+    completion = len(result.token_ids)
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
             "total_tokens": result.prompt_tokens + completion,
             "completion_tokens_details": {"reasoning_tokens": result.reasoning_tokens}}
