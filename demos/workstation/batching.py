@@ -55,6 +55,30 @@ class Ticket:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+class _Outbox:
+    """Events for many tickets, handed over to the server's event loop with one wake-up per step rather
+    than one per token (each wake-up is a write to the loop's pipe)."""
+
+    def __init__(self):
+        self.items: list[tuple[Ticket, Any]] = []
+
+    def put(self, ticket: Ticket, item) -> None:
+        self.items.append((ticket, item))
+
+    def send(self) -> None:
+        by_loop: dict[Any, list] = {}
+        for ticket, item in self.items:
+            by_loop.setdefault(ticket.loop, []).append((ticket, item))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        self.items = []
+
+
+def _deliver(items: list[tuple[Ticket, Any]]) -> None:
+    for ticket, item in items:
+        ticket.events.put_nowait(item)
+
+
 class Busy(Exception):
     """The queue is full: the client should come back in `retry_after` seconds (HTTP 429)."""
 
@@ -105,8 +129,9 @@ class ContinuousBatcher:
                     refused=self.refused, largest_batch=self.largest, prefix_cache=self.engine.prefix.stats())
 
     def _work(self) -> None:
-        engine = self.engine
+        engine, outbox = self.engine, _Outbox()
         while True:
+            outbox.send()
             if not engine.busy:
                 self._take(self.inbox.get())  # idle: sleep until a request comes
             while True:
@@ -125,7 +150,7 @@ class ContinuousBatcher:
                 for ticket, _ in self.live.values():
                     engine.cancel(ticket.request)
                     ticket.error = f"{type(e).__name__}: {e}"
-                    ticket.put(DONE)
+                    outbox.put(ticket, DONE)
                 self.live.clear()
                 continue
             self.largest = max(self.largest, sum(r is not None and r.state == "decoding" for r in engine.in_slot))
@@ -136,9 +161,9 @@ class ContinuousBatcher:
                     continue
                 ticket, text = entry
                 for event in text.feed(token.token, token.kind):
-                    ticket.put(event)
+                    outbox.put(ticket, event)
                 if request.finished:
-                    self._finish(ticket, text)
+                    self._finish(ticket, text, outbox)
 
     def _take(self, ticket: Ticket) -> None:
         if ticket.gone.is_set():
@@ -146,12 +171,12 @@ class ContinuousBatcher:
         self.engine.submit(ticket.request)
         self.live[ticket.request.id] = (ticket, _RowText(self.engine.model.tokenizer, 0))
 
-    def _finish(self, ticket: Ticket, text: _RowText) -> None:
+    def _finish(self, ticket: Ticket, text: _RowText, outbox: _Outbox) -> None:
         for event in text.end_run():
-            ticket.put(event)
+            outbox.put(ticket, event)
         request = ticket.request
         ticket.result = request.result
-        ticket.put(DONE)
+        outbox.put(ticket, DONE)
         del self.live[request.id]
         self.finished += 1
         took = time.perf_counter() - ticket.began

@@ -88,6 +88,18 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int) -> Ticket:
                   top_p=_number(body, "top_p", 1.0, float, 0, 1), seed=_number(body, "seed", None, int))
 
 
+def _joined(events: list) -> list[tuple[str, str]]:
+    """Consecutive stream events of one kind as one (kind, text): a client that fell behind gets what
+    piled up in as few chunks as the kinds allow."""
+    out: list[tuple[str, str]] = []
+    for event in events:
+        if out and out[-1][0] == event.kind:
+            out[-1] = (event.kind, out[-1][1] + event.text)
+        else:
+            out.append((event.kind, event.text))
+    return out
+
+
 def _first(*values):
     return next((v for v in values if v is not None), None)
 
@@ -221,13 +233,17 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
                 if await request.is_disconnected():
                     ticket.gone.set()
                     return
-                event = await ticket.events.get()
-                if event is DONE:
+                events = [await ticket.events.get()]
+                while events[-1] is not DONE and not ticket.events.empty():  # what piled up: one chunk per kind
+                    events.append(ticket.events.get_nowait())
+                finished = events[-1] is DONE
+                for kind, text in _joined(events[:-1] if finished else events):
+                    if chat:
+                        yield chunk({"reasoning_content": text} if kind == "reasoning" else {"content": text})
+                    else:
+                        yield chunk(text=text)
+                if finished:
                     break
-                if chat:
-                    yield chunk({"reasoning_content": event.text} if event.kind == "reasoning" else {"content": event.text})
-                else:
-                    yield chunk(text=event.text)
             if ticket.error:
                 yield f"data: {json.dumps({'error': {'message': ticket.error, 'type': 'server_error'}})}\n\n"
             elif ticket.result is not None:
