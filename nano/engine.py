@@ -8,9 +8,11 @@ layer, for up to `context` tokens. Each `step()`:
    at the front);
 2. runs one chunk (`prefill_chunk` tokens) of one admitted request's prompt into its slot; after
    its last chunk the request samples its first token and starts decoding;
-3. runs one decode step for every decoding slot: the first B slots, B the smallest bucket that
+3. launches one decode step for every decoding slot: the first B slots, B the smallest bucket that
    holds them all, with the budget controller and the sampler of each slot inside the same step.
-   On a GPU each bucket's step is captured once in a CUDA graph and replayed.
+   On a GPU each bucket's step is captured once in a CUDA graph and replayed;
+4. reads back the tokens of the step before (and the first tokens of prefills that ended): the
+   host hands those out while the device runs this one.
 
 Slots in the first B that are not decoding (free, or part way through a prefill) are padding
 rows of the step. They can never touch a live slot: their Mamba state is left as it was (the
@@ -21,7 +23,9 @@ at once, for the next admission.
 With a prefix cache (`prefix_cache` bytes, `nano.prefix_cache`), a request's prefill stops at the
 ends of its chat turns: there the slot's state is stored (at the last two ends: the conversation
 so far, and the whole of it, which the next turn of the same conversation begins with), and a
-request admitted later whose tokens begin with a stored prefix starts from its state.
+request admitted later whose tokens begin with a stored prefix starts from its state. Prefixes
+shorter than `prefix_min_tokens` (256) are left out: stopping a prefill there costs a prefill call
+more, which a short prefix does not pay back.
 
 Sampling is per request (temperature, top-p, seed). The noise a request draws at its t-th token
 is a function of its seed and t alone, so a request samples the same tokens whatever else shares
@@ -93,7 +97,7 @@ class Engine:
 
     def __init__(self, model, slots: int = 8, context: int | None = None, prefill_chunk: int | None = None,
                  buckets: tuple[int, ...] | None = None, graphs: bool | None = None, prefix_cache: int = 0,
-                 prefix_min_tokens: int = 16):
+                 prefix_min_tokens: int = 256):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
         self.prefix = PrefixCache(prefix_cache)
@@ -124,6 +128,7 @@ class Engine:
         self.in_slot: list[Request | None] = [None] * slots
         self._steps: dict[tuple[int, bool], object] = {}
         self._pending: tuple[_Readback, list[tuple[int, Request]]] | None = None  # the decode step not yet read
+        self._first: list[tuple[Request, _Readback]] = []  # first tokens of prefills ended, not yet read
         self._ids = itertools.count()
         self.name = f"engine of {slots} slots x {self.context} tokens, {self.runtime.name}"
 
@@ -182,7 +187,8 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self._pending or any(r is not None for r in self.in_slot))
+        return bool(self.waiting or self.prefilling or self._pending or self._first
+                    or any(r is not None for r in self.in_slot))
 
     def active(self) -> int:
         """Requests admitted and not finished."""
@@ -198,7 +204,7 @@ class Engine:
         one before: the step's input tokens stay on the device, and a request the host does not yet
         know has finished runs one step more as a padding row of its own slot."""
         self._admit()
-        out = self._prefill_chunk()
+        first = self._prefill_chunk()
         decoding = [s for s, r in enumerate(self.in_slot) if r is not None and r.state == "decoding"]
         launched = None
         if decoding:
@@ -206,18 +212,19 @@ class Engine:
             greedy = all(self.in_slot[s].temperature == 0 for s in decoding)
             token, kind, done = self._step(rows, greedy)(self.tokens[:rows])
             launched = (_Readback(torch.stack([token, kind, done.long()])), [(s, self.in_slot[s]) for s in decoding])
+        out = [self._take(r, *readback.values()) for r, readback in self._first if self._holds(r)]
         if self._pending is not None:
             out += self._collect(*self._pending)
-        self._pending = launched
+        self._first, self._pending = first, launched
         return out
+
+    def _holds(self, request: Request) -> bool:
+        """Whether `request` is still decoding in its slot (not cancelled, not ended meanwhile)."""
+        return request.state == "decoding" and self.in_slot[request.slot] is request
 
     def _collect(self, readback: _Readback, rows: list[tuple[int, Request]]) -> list[Token]:
         token, kind, done = readback.values()
-        out = []
-        for s, request in rows:
-            if self.in_slot[s] is request and request.state == "decoding":  # not cancelled or ended meanwhile
-                out.append(self._take(request, token[s], kind[s], done[s]))
-        return out
+        return [self._take(request, token[s], kind[s], done[s]) for s, request in rows if self._holds(request)]
 
     def run(self) -> None:
         """Step until every request is finished."""
@@ -248,7 +255,9 @@ class Engine:
             self.temperature[slot], self.top_p[slot], self.seed[slot] = request.temperature, request.top_p, request.seed
             self.prefilling.append(request)
 
-    def _prefill_chunk(self) -> list[Token]:
+    def _prefill_chunk(self) -> list[tuple[Request, _Readback]]:
+        """One chunk of the first prefilling request's prompt; where it ends the prompt, the request
+        starts decoding and its first token is read back with the next call's tokens."""
         if not self.prefilling:
             return []
         request = self.prefilling[0]
@@ -273,7 +282,7 @@ class Engine:
         self.positions[slot] = len(ids)
         request.state = "decoding"
         self.live[slot] = True
-        return [self._take(request, int(token[0]), int(kind[0]), bool(self.controller.done[slot]))]
+        return [(request, _Readback(torch.stack([token[0], kind[0], self.controller.done[slot].long()])))]
 
     def _choose(self, logits, controller: BudgetController, rows: slice, greedy: bool):
         logits[:, self.decodable:] = float("-inf")
@@ -341,6 +350,7 @@ class _Readback:
             self.host, self.event = tensor, None
 
     def values(self) -> list:
+        """The tensor's values as (nested) lists, once the copy has arrived."""
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()

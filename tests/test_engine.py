@@ -157,7 +157,7 @@ def test_a_shared_system_prompt_is_prefilled_once_and_answers_stay_the_same(fast
     questions = ["What is 12 + 7?", "What is 3 * 9?", "Name a prime.", "What is 40 - 2?"]
     prompts = [_conversation(q) for q in questions]
     alone = [nano.generate(fast, p, budget=6, max_new_tokens=20) for p in prompts]
-    engine = Engine(fast, slots=2, context=512, prefill_chunk=16, prefix_cache=1 << 26)
+    engine = Engine(fast, slots=2, context=512, prefill_chunk=16, prefix_cache=1 << 26, prefix_min_tokens=16)
     first = engine.submit(prompts[0], budget=6, max_new_tokens=20)
     engine.run()  # the first stores the system turn's state (and the whole of its conversation)
     later = [engine.submit(p, budget=6, max_new_tokens=20) for p in prompts[1:]]
@@ -172,7 +172,7 @@ def test_a_shared_system_prompt_is_prefilled_once_and_answers_stay_the_same(fast
 def test_the_next_turn_of_a_conversation_starts_where_the_last_prompt_ended(fast):
     turn1 = _conversation("What is 12 + 7?")
     turn2 = _conversation("And times 2?", history=(turn1[1], {"role": "assistant", "content": "19"}))
-    engine = Engine(fast, slots=2, context=512, prefill_chunk=16, prefix_cache=1 << 26)
+    engine = Engine(fast, slots=2, context=512, prefill_chunk=16, prefix_cache=1 << 26, prefix_min_tokens=16)
     engine.generate([turn1], budget=4, max_new_tokens=12)
     second = engine.submit(turn2, budget=4, max_new_tokens=12)
     engine.run()
@@ -184,10 +184,11 @@ def test_the_next_turn_of_a_conversation_starts_where_the_last_prompt_ended(fast
 def test_snapshots_past_the_capacity_evict_the_least_recently_used(fast):
     systems = [f"{SYSTEM} Variant {i} of the instructions." for i in range(3)]
     prompts = [[{"role": "system", "content": s}, {"role": "user", "content": "What is 5 + 5?"}] for s in systems]
-    probe = Engine(fast, slots=1, context=512, prefix_cache=1 << 26)
+    probe = Engine(fast, slots=1, context=512, prefix_cache=1 << 26, prefix_min_tokens=16)
     probe.generate(prompts[:1], max_new_tokens=2)
     one = max(s.bytes for s in probe.prefix.entries.values())
-    engine = Engine(fast, slots=1, context=512, prefill_chunk=16, prefix_cache=2 * one)  # room for two
+    engine = Engine(fast, slots=1, context=512, prefill_chunk=16, prefix_cache=2 * one,  # room for two
+                    prefix_min_tokens=16)
     results = engine.generate(prompts, budget=3, max_new_tokens=10)
     assert results == [nano.generate(fast, p, budget=3, max_new_tokens=10) for p in prompts]
     stats = engine.prefix.stats()

@@ -69,7 +69,7 @@ def test_a_shared_system_prompt_through_the_prefix_cache_on_the_gpu(model):
     system = {"role": "system", "content": "You work out arithmetic step by step and put the result in a box."}
     prompts = [[system, {"role": "user", "content": p}] for p in PROBLEMS]
     alone = [nano.generate(model, p, budget=b, max_new_tokens=200) for p, b in zip(prompts, BUDGETS)]
-    engine = Engine(model, slots=4, context=1024, prefill_chunk=16, prefix_cache=1 << 28)
+    engine = Engine(model, slots=4, context=1024, prefill_chunk=16, prefix_cache=1 << 28, prefix_min_tokens=16)
     first = engine.submit(prompts[0], budget=BUDGETS[0], max_new_tokens=200)
     engine.run()
     rest = [engine.submit(p, budget=b, max_new_tokens=200) for p, b in zip(prompts[1:], BUDGETS[1:])]

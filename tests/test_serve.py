@@ -232,7 +232,9 @@ def test_past_the_queue_the_server_answers_429_with_a_retry_hint(engine_server, 
 
 def test_a_shared_system_prompt_hits_the_prefix_cache(engine_server, model):
     url, client, _ = engine_server
-    system = {"role": "system", "content": "You work out arithmetic step by step and put the result in a box."}
+    # Long enough for the engine to keep its state (prefixes under 256 tokens cost less to prefill again).
+    system = {"role": "system", "content": " ".join(["You work out arithmetic step by step and put the result in a box."]
+                                                    * 5)}
     before = _stats(url)["prefix_cache"]
     for q in QUESTIONS:
         reply = client.chat.completions.create(model="nano-tiny", messages=[system, {"role": "user", "content": q}],
