@@ -4,7 +4,9 @@ The server runs in this process; a child process keeps `--clients` clients busy 
 with a mix of requests: streamed and whole; thinking budgets 0, 8, 64 and none; greedy and sampled
 (seeded); single questions, a shared system prompt and conversations of a few turns (the prefix
 cache); clients that leave after a few tokens; malformed requests. Every `--every` seconds this
-process samples its resident memory, Python's object count and the engine's state. At the end,
+process samples its resident memory (as it is, and after glibc's malloc_trim gives back what the
+allocator holds free, which tells fragmentation from memory in use), Python's object count and the
+engine's state. At the end,
 with the load gone, every slot must be free and nothing queued; resident memory after the first
 `--settle` minutes against the end says whether anything grows with the requests served.
 
@@ -14,6 +16,7 @@ with the load gone, every slot must be free and nothing queued; resident memory 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -29,6 +32,16 @@ SYSTEM = {"role": "system", "content": "You work out arithmetic one step per lin
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def trimmed_rss_mib() -> float | None:
+    """Resident memory after glibc gives back the free memory it holds (malloc_trim): what is still in
+    use, apart from the allocator's fragmentation across threads. None where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
+    return round(rss_mib(), 1)
 
 
 def _request(rng: random.Random) -> tuple[dict | bytes, str]:
@@ -123,6 +136,7 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=3, help="minutes before the baseline sample")
     parser.add_argument("--prefix-cache-mib", type=float, default=8, help="small, so it is full before the baseline")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tag", default="", help="added to the results file's name")
     args = parser.parse_args()
 
     import torch
@@ -143,7 +157,7 @@ def main() -> None:
     def sample() -> dict:
         stats = batcher.stats()
         return dict(minute=round((time.perf_counter() - began) / 60, 2), rss_mib=round(rss_mib(), 1),
-                    python_objects=len(gc.get_objects()), finished=stats["finished"], active=stats["active"],
+                    rss_trimmed_mib=trimmed_rss_mib(), python_objects=len(gc.get_objects()), finished=stats["finished"], active=stats["active"],
                     waiting=stats["waiting"], live_tickets=len(batcher.live),
                     prefix_entries=stats["prefix_cache"]["entries"], prefix_mib=round(stats["prefix_cache"]["bytes"]
                                                                                       / 2**20, 1))
@@ -176,10 +190,11 @@ def main() -> None:
                finished_by_engine=end["finished"], rss_start_mib=samples[0]["rss_mib"],
                rss_baseline_mib=baseline["rss_mib"], rss_end_mib=end["rss_mib"],
                rss_growth_after_baseline_mib=round(end["rss_mib"] - baseline["rss_mib"], 1),
+               rss_trimmed_baseline_mib=baseline["rss_trimmed_mib"], rss_trimmed_end_mib=end["rss_trimmed_mib"],
                objects_baseline=baseline["python_objects"], objects_end=end["python_objects"],
                active_end=end["active"], waiting_end=end["waiting"], live_tickets_end=end["live_tickets"],
                prefix_entries_end=end["prefix_entries"])
-    write(f"serve-soak-{args.model}-{args.device}", [row], list(row), args.device, model=args.model,
+    write(f"serve-soak-{args.model}-{args.device}{args.tag}", [row], list(row), args.device, model=args.model,
           slots=args.slots, clients=args.clients, torch=torch.__version__, baseline_minute=baseline["minute"],
           first_failures=[dict(f) for f in failures[:5]], samples=samples)
 
