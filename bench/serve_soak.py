@@ -24,7 +24,7 @@ import random
 import threading
 import time
 
-from bench.serve_load import _serve, load  # noqa: F401  (load: the same child-process pattern)
+from bench.serve_load import _serve
 
 SYSTEM = {"role": "system", "content": "You work out arithmetic one step per line and put the result in a box."}
 

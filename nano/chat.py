@@ -108,15 +108,15 @@ class ChatFormat:
 
     def turn_ends(self, prompt: str | Sequence[dict[str, Any]], think: bool = True) -> list[str]:
         """The prompt's text up to the end of each of its turns (the system turn the switch may add
-        included), where the template renders that part as the whole prompt begins: the points
-        where a later prompt that shares these turns shares the text (`nano.prefix_cache`)."""
+        included), without the generation prompt: where a later prompt that shares these turns may
+        share the text. A template may render a turn differently when it is the last one, so a
+        caller checks that the whole prompt begins with it (`nano.engine` does, token for token)."""
         messages, kwargs, _ = self._as_rendered(prompt, think)
-        whole = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         ends = []
         for i in range(1, len(messages) + 1):
             text = self.tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=False,
                                                       **kwargs)
-            if text and len(text) < len(whole) and whole.startswith(text) and text not in ends:
+            if text and text not in ends:
                 ends.append(text)
         return ends
 

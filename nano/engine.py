@@ -43,7 +43,7 @@ import torch
 
 from .budget import PAD, BudgetController
 from .config import context_length
-from .generation import Generation, PreparedPrompt, _check_sampling, _generation, prepare_prompt
+from .generation import Generation, PreparedPrompt, Readback, _check_sampling, _generation, prepare_prompt
 from .layers import MambaCache
 from .prefix_cache import PrefixCache, restore, take
 from .runtime import HybridRuntime
@@ -127,8 +127,8 @@ class Engine:
         self.prefilling: deque[Request] = deque()
         self.in_slot: list[Request | None] = [None] * slots
         self._steps: dict[tuple[int, bool], object] = {}
-        self._pending: tuple[_Readback, list[tuple[int, Request]]] | None = None  # the decode step not yet read
-        self._first: list[tuple[Request, _Readback]] = []  # first tokens of prefills ended, not yet read
+        self._pending: tuple[Readback, list[tuple[int, Request]]] | None = None  # the decode step not yet read
+        self._first: list[tuple[Request, Readback]] = []  # first tokens of prefills ended, not yet read
         self._ids = itertools.count()
         self.name = f"engine of {slots} slots x {self.context} tokens, {self.runtime.name}"
 
@@ -211,7 +211,7 @@ class Engine:
             rows = next(b for b in self.buckets if b > max(decoding))
             greedy = all(self.in_slot[s].temperature == 0 for s in decoding)
             token, kind, done = self._step(rows, greedy)(self.tokens[:rows])
-            launched = (_Readback(torch.stack([token, kind, done.long()])), [(s, self.in_slot[s]) for s in decoding])
+            launched = (Readback(torch.stack([token, kind, done.long()])), [(s, self.in_slot[s]) for s in decoding])
         out = [self._take(r, *readback.values()) for r, readback in self._first if self._holds(r)]
         if self._pending is not None:
             out += self._collect(*self._pending)
@@ -222,7 +222,7 @@ class Engine:
         """Whether `request` is still decoding in its slot (not cancelled, not ended meanwhile)."""
         return request.state == "decoding" and self.in_slot[request.slot] is request
 
-    def _collect(self, readback: _Readback, rows: list[tuple[int, Request]]) -> list[Token]:
+    def _collect(self, readback: Readback, rows: list[tuple[int, Request]]) -> list[Token]:
         token, kind, done = readback.values()
         return [self._take(request, token[s], kind[s], done[s]) for s, request in rows if self._holds(request)]
 
@@ -255,7 +255,7 @@ class Engine:
             self.temperature[slot], self.top_p[slot], self.seed[slot] = request.temperature, request.top_p, request.seed
             self.prefilling.append(request)
 
-    def _prefill_chunk(self) -> list[tuple[Request, _Readback]]:
+    def _prefill_chunk(self) -> list[tuple[Request, Readback]]:
         """One chunk of the first prefilling request's prompt; where it ends the prompt, the request
         starts decoding and its first token is read back with the next call's tokens."""
         if not self.prefilling:
@@ -282,7 +282,7 @@ class Engine:
         self.positions[slot] = len(ids)
         request.state = "decoding"
         self.live[slot] = True
-        return [(request, _Readback(torch.stack([token[0], kind[0], self.controller.done[slot].long()])))]
+        return [(request, Readback(torch.stack([token[0], kind[0], self.controller.done[slot].long()])))]
 
     def _choose(self, logits, controller: BudgetController, rows: slice, greedy: bool):
         logits[:, self.decodable:] = float("-inf")
@@ -335,25 +335,6 @@ class Engine:
 
     def _result(self, request: Request, hit: bool) -> Generation:
         return _generation(self.model.tokenizer, request.tokens, request.kinds, hit, len(request.prompt_ids))
-
-
-class _Readback:
-    """A small device tensor copied to the host in the background; `values()` waits for it."""
-
-    def __init__(self, tensor: torch.Tensor):
-        if tensor.is_cuda:
-            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self.host.copy_(tensor, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host, self.event = tensor, None
-
-    def values(self) -> list:
-        """The tensor's values as (nested) lists, once the copy has arrived."""
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
 
 
 def _powers_of_two(limit: int) -> list[int]:

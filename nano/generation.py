@@ -190,32 +190,45 @@ def _decode_steps(model, prepared: _Prepared, temperature, top_p, seed) -> Itera
         yield tokens, kinds
 
 
+class Readback:
+    """A small device tensor copied to the host in the background; `values()` waits for it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.is_cuda:
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = tensor, None
+
+    def values(self):
+        """The tensor's values as Python numbers (nested lists), once the copy has arrived."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class _FinishedCheck:
     """Whether every row has finished, asked once per step.
 
     On a GPU, reading the flag right away would stall the device between steps while the host
-    catches up; instead each step's flag is copied to the host in the background and the one
-    from `lag` steps back is read. The loop may run `lag` steps past the end; those steps only
-    add padding (the controller's rows stay finished).
+    catches up; instead each step's flag is read back in the background and the one from `lag`
+    steps back is read. The loop may run `lag` steps past the end; those steps only add padding
+    (the controller's rows stay finished).
     """
 
     def __init__(self, controller, device, lag: int = 2):
         self.controller, self.lag = controller, lag if device.type == "cuda" else 0
-        self.pending = []
+        self.pending: list[Readback] = []
 
     def __call__(self) -> bool:
         if not self.lag:
             return bool(self.controller.done.all())
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(self.controller.done.all(), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.pending.append((flag, event))
+        self.pending.append(Readback(self.controller.done.all()))
         if len(self.pending) <= self.lag:
             return False
-        flag, event = self.pending.pop(0)
-        event.synchronize()
-        return bool(flag)
+        return bool(self.pending.pop(0).values())
 
 
 def _runs(tokens: Sequence[int], kinds: Sequence[int], kind: int) -> list[list[int]]:

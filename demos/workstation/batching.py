@@ -23,7 +23,7 @@ from typing import Any
 
 import nano
 from nano.engine import Engine, Request
-from nano.generation import _check_sampling, _RowText
+from nano.generation import _RowText
 
 DONE = object()  # the end of a request's events
 
@@ -196,7 +196,6 @@ class StaticBatcher:
         threading.Thread(target=self._work, daemon=True, name="nano-batcher").start()
 
     def submit(self, ticket: Ticket) -> Ticket:
-        _check_sampling(ticket.max_tokens, ticket.temperature, ticket.top_p)  # refused alone, not with a batch
         self.waiting_tickets.put(ticket)
         return ticket
 

@@ -82,10 +82,13 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int) -> Ticket:
         max_tokens = _number(body, "max_tokens", default_max_tokens, int, 1)
     if body.get("n", 1) != 1:
         raise RequestError("n", f"only 1 is supported, got {body.get('n')!r}")
+    top_p = _number(body, "top_p", 1.0, float, 0, 1)
+    if top_p == 0:
+        raise RequestError("top_p", "must be above 0 and at most 1, got 0")
     return Ticket(prompt=prompt, budget=budget, grace=_first(_number(body, "thinking_grace", None, int, 0),
                                                            _number(template, "thinking_grace", None, int, 0)),
                   max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, float, 0, 2),
-                  top_p=_number(body, "top_p", 1.0, float, 0, 1), seed=_number(body, "seed", None, int))
+                  top_p=top_p, seed=_number(body, "seed", None, int))
 
 
 def _joined(events: list) -> list[tuple[str, str]]:
@@ -190,10 +193,8 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
             batcher.submit(ticket)
         except Busy as e:
             return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": str(e.retry_after)})
-        except ValueError as e:  # a setting or prompt the engine refuses, named in the message
-            message = str(e)
-            field_name = ("messages" if chat else "prompt") if message.startswith("the prompt") else message.split()[0]
-            return error(400, message, field_name if field_name in body or field_name in ("messages", "prompt") else None)
+        except ValueError as e:  # the fields are checked above: what is left is the prompt (too long, say)
+            return error(400, str(e), "messages" if chat else "prompt")
         name = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.get("stream"):
             return StreamingResponse(_stream(request, ticket, name, chat), media_type="text/event-stream")
