@@ -6,8 +6,11 @@ layer, for up to `context` tokens. Each `step()`:
 
 1. admits waiting requests into free slots (the lowest free first, so the busy slots stay packed
    at the front);
-2. runs one chunk (`prefill_chunk` tokens) of one admitted request's prompt into its slot; after
-   its last chunk the request samples its first token and starts decoding;
+2. runs one prefill call: the prompts of up to `prefill_rows` requests admitted afresh, each short
+   enough for one call, as one batch of at most `prefill_chunk` tokens, each into its own slot;
+   or else one chunk of the first admitted request's prompt (a long one, or one that goes on from
+   a stored prefix). After its prompt's last token a request samples its first token and starts
+   decoding;
 3. launches one decode step for every decoding slot: the first B slots, B the smallest bucket that
    holds them all, with the budget controller and the sampler of each slot inside the same step.
    On a GPU each bucket's step is captured once in a CUDA graph and replayed;
@@ -44,9 +47,10 @@ import torch
 from .budget import PAD, BudgetController
 from .config import context_length
 from .generation import Generation, PreparedPrompt, Readback, _check_sampling, _generation, prepare_prompt
+from .hardware import PREFILL_CHUNK, PREFILL_ROWS
 from .layers import MambaCache
 from .prefix_cache import PrefixCache, restore, take
-from .runtime import HybridRuntime
+from .runtime import HybridRuntime, to_device
 
 
 @dataclass
@@ -97,7 +101,7 @@ class Engine:
 
     def __init__(self, model, slots: int = 8, context: int | None = None, prefill_chunk: int | None = None,
                  buckets: tuple[int, ...] | None = None, graphs: bool | None = None, prefix_cache: int = 0,
-                 prefix_min_tokens: int = 256):
+                 prefix_min_tokens: int = 256, prefill_rows: int = PREFILL_ROWS):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
         self.prefix = PrefixCache(prefix_cache)
@@ -107,7 +111,10 @@ class Engine:
         # One column past the context: where padding rows write their keys and values.
         self.runtime = HybridRuntime(model.model, slots, self.context + 1, graphs=graphs)
         self.device, self.slots = self.runtime.device, slots
-        self.prefill_chunk = prefill_chunk or (4096 if self.device.type == "cuda" else 512)
+        self.prefill_chunk = prefill_chunk or (PREFILL_CHUNK if self.device.type == "cuda" else 512)
+        if isinstance(prefill_rows, bool) or not isinstance(prefill_rows, int) or prefill_rows < 1:
+            raise ValueError(f"prefill_rows must be a positive integer, got {prefill_rows!r}")
+        self.prefill_rows = min(prefill_rows, slots)
         self.buckets = tuple(sorted(set(buckets or _powers_of_two(slots)) | {slots}))
         if self.buckets[0] < 1 or self.buckets[-1] > slots:
             raise ValueError(f"buckets must lie in 1..{slots}, got {buckets!r}")
@@ -204,14 +211,15 @@ class Engine:
         one before: the step's input tokens stay on the device, and a request the host does not yet
         know has finished runs one step more as a padding row of its own slot."""
         self._admit()
-        first = self._prefill_chunk()
+        first = self._prefill()
         decoding = [s for s, r in enumerate(self.in_slot) if r is not None and r.state == "decoding"]
         launched = None
         if decoding:
             rows = next(b for b in self.buckets if b > max(decoding))
             greedy = all(self.in_slot[s].temperature == 0 for s in decoding)
-            token, kind, done = self._step(rows, greedy)(self.tokens[:rows])
-            launched = (Readback(torch.stack([token, kind, done.long()])), [(s, self.in_slot[s]) for s in decoding])
+            token, kind, done, hit = self._step(rows, greedy)(self.tokens[:rows])
+            launched = (Readback(torch.stack([token, kind, done.long(), hit.long()])),
+                        [(s, self.in_slot[s]) for s in decoding])
         out = [self._take(r, *readback.values()) for r, readback in self._first if self._holds(r)]
         if self._pending is not None:
             out += self._collect(*self._pending)
@@ -223,8 +231,8 @@ class Engine:
         return request.state == "decoding" and self.in_slot[request.slot] is request
 
     def _collect(self, readback: Readback, rows: list[tuple[int, Request]]) -> list[Token]:
-        token, kind, done = readback.values()
-        return [self._take(request, token[s], kind[s], done[s]) for s, request in rows if self._holds(request)]
+        token, kind, done, hit = readback.values()
+        return [self._take(request, token[s], kind[s], done[s], hit[s]) for s, request in rows if self._holds(request)]
 
     def run(self) -> None:
         """Step until every request is finished."""
@@ -255,34 +263,62 @@ class Engine:
             self.temperature[slot], self.top_p[slot], self.seed[slot] = request.temperature, request.top_p, request.seed
             self.prefilling.append(request)
 
-    def _prefill_chunk(self) -> list[tuple[Request, Readback]]:
-        """One chunk of the first prefilling request's prompt; where it ends the prompt, the request
-        starts decoding and its first token is read back with the next call's tokens."""
+    def _prefill(self) -> list[tuple[Request, Readback]]:
+        """One prefill call: the first prefilling request's next chunk or, where that request is a
+        whole prompt of one chunk started afresh, it and the others like it behind it, as one batch
+        of up to `prefill_rows` prompts and `prefill_chunk` tokens with the padding. A request whose
+        prompt is done starts decoding; its first token is read back with the next call's tokens."""
         if not self.prefilling:
             return []
-        request = self.prefilling[0]
+        head = self.prefilling[0]
+        if not self._whole(head):
+            return self._prefill_chunk(head)
+        batch, width = [], 0
+        for request in self.prefilling:
+            if len(batch) == self.prefill_rows:
+                break
+            if self._whole(request) and (len(batch) + 1) * max(width, len(request.prompt_ids)) <= self.prefill_chunk:
+                batch.append(request)
+                width = max(width, len(request.prompt_ids))
+        if len(batch) == 1:  # alone it goes straight into its slot
+            return self._prefill_chunk(head)
+        for request in batch:
+            self.prefilling.remove(request)
+        logits = self.runtime.prefill_slots([r.prompt_ids for r in batch], [r.slot for r in batch])
+        return [self._start(r, logits[i : i + 1]) for i, r in enumerate(batch)]
+
+    def _whole(self, request: Request) -> bool:
+        """Whether `request`'s prompt goes in one call from the start (no prefix taken, no stop to store)."""
+        return request.prefilled == 0 and not request.stops and len(request.prompt_ids) <= self.prefill_chunk
+
+    def _prefill_chunk(self, request: Request) -> list[tuple[Request, Readback]]:
         ids = request.prompt_ids
         begin = request.prefilled
         end = min([begin + self.prefill_chunk, len(ids), *(s for s in request.stops if s > begin)])
-        chunk = torch.tensor([ids[begin:end]], dtype=torch.long, device=self.device)
         runtime = self.runtime.slot(request.slot)
-        logits = runtime.extend(chunk, begin)
+        logits = runtime.extend(to_device(torch.tensor([ids[begin:end]]), self.device), begin)
         request.prefilled = end
         if end in request.stops[-2:] and ids[:end] not in self.prefix:
             self.prefix.put(take(runtime.caches, end, ids))
         if end < len(ids):
             return []
         self.prefilling.popleft()
+        return [self._start(request, logits)]
+
+    def _start(self, request: Request, logits: torch.Tensor) -> tuple[Request, Readback]:
+        """`request`'s prompt is in its slot (`logits`, (1, vocab), of its last token): it samples its
+        first token and decodes from the next step on."""
         slot = request.slot
         # The controller row starts only now: until this step the slot was a padding row of the decode steps.
         self.controller.admit(slot, request.ready.budget, request.grace, request.ready.thinking, request.max_new)
         token, kind = self._choose(logits, self.controller.rows(slot, slot + 1), slice(slot, slot + 1),
                                    request.temperature == 0)
         self.tokens[slot] = token[0]
-        self.positions[slot] = len(ids)
+        self.positions[slot] = len(request.prompt_ids)
         request.state = "decoding"
         self.live[slot] = True
-        return [(request, Readback(torch.stack([token[0], kind[0], self.controller.done[slot].long()])))]
+        state = (token[0], kind[0], self.controller.done[slot].long(), self.controller.hit[slot].long())
+        return request, Readback(torch.stack(state))
 
     def _choose(self, logits, controller: BudgetController, rows: slice, greedy: bool):
         logits[:, self.decodable:] = float("-inf")
@@ -307,21 +343,19 @@ class Engine:
                 token, kind = self._choose(logits, controller, span, greedy)
                 positions.add_(live)
                 self.tokens[:rows].copy_(token)  # the next step's input, without a trip through the host
-                return token, kind, controller.done
+                return token, kind, controller.done, controller.hit
 
             self._steps[rows, greedy] = self.runtime.graphed(step)
         return self._steps[rows, greedy]
 
-    def _take(self, request: Request, token: int, kind: int, done: bool) -> Token:
-        slot = request.slot
+    def _take(self, request: Request, token: int, kind: int, done: bool, hit: bool) -> Token:
         if kind != PAD:
             request.tokens.append(token)
             request.kinds.append(kind)
         if done:
-            hit = bool(self.controller.hit[slot])
-            self._free(slot)
+            self._free(request.slot)
             request.state = "finished"
-            request.result = self._result(request, hit)
+            request.result = self._result(request, bool(hit))
         return Token(request, token, kind)
 
     def _free(self, slot: int) -> None:

@@ -69,6 +69,7 @@ JETSON_PRECISIONS = {"ampere": ("fp16", "int8", "int4"), "blackwell": ("fp16", "
 JETSON_QUANTIZED = ("mamba_in_proj", "mamba_out_proj", "attention", "mlp")
 
 PREFILL_CHUNK = 4096
+PREFILL_ROWS = 8  # the most fresh prompts the engine prefills together in one call
 # Tokens of one prefill call over all rows: mamba-ssm's Triton chunk scan indexes its inputs with 32-bit
 # offsets, and the Mamba in_proj output (22656 wide at the Nano shapes) passes 2**31 past 94k tokens.
 PREFILL_TOKENS = 65536

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .config import ATTENTION, MAMBA, MLP, family, layer_pattern
-from .hardware import (ARCHITECTURES, DEFAULT_RECIPE, DTYPE_BYTES, JETSON_PRECISIONS, JETSON_QUANTIZED, QUANT_FORMATS,
-                       RECIPES, TARGETS, prefill_chunk)
+from .hardware import (ARCHITECTURES, DEFAULT_RECIPE, DTYPE_BYTES, JETSON_PRECISIONS, JETSON_QUANTIZED, PREFILL_CHUNK,
+                       PREFILL_ROWS, QUANT_FORMATS, RECIPES, TARGETS, prefill_chunk)
 
 GIB = 2**30
 
@@ -417,20 +417,34 @@ SAMPLER_BYTES_PER_LOGIT = 32
 
 
 def engine_plan(config: Any, target: str | float, context: int, slots: int, prefix_cache: int = 0,
-                **options) -> MemoryPlan:
+                prefill_rows: int = PREFILL_ROWS, **options) -> MemoryPlan:
     """The memory of a continuous-batching engine (`nano.engine`): `slots` request slots of `context`
-    tokens each (KV, SSM and conv state), one prefill chunk of one request at a time, the decode
-    step's logits and sampler for every slot, and `prefix_cache` bytes of prefix snapshots (counted
-    with the overhead)."""
+    tokens each (KV, SSM and conv state); one prefill call of one chunk's tokens, with, where it
+    prefills up to `prefill_rows` prompts together, their state before it moves into their slots;
+    the decode step's logits and sampler for every slot; and `prefix_cache` bytes of prefix
+    snapshots (counted with the overhead)."""
     full = plan(config, target, context, slots, **options)
     one = plan(config, target, context, 1, **options)
     vocab = int(_get(config, "vocab_size"))
     workspace = one.workspace + slots * vocab * SAMPLER_BYTES_PER_LOGIT
+    if min(prefill_rows, slots) > 1:  # one prompt alone goes straight into its slot
+        together = plan(config, target, 1, min(prefill_rows, slots), **options)
+        workspace += one.kv_cache * min(context, PREFILL_CHUNK) / context + together.ssm_state + together.conv_state
     return replace(full, workspace=int(workspace), overhead=full.overhead + int(prefix_cache))
 
 
 def engine_slots(config: Any, target: str | float, context: int, prefix_cache: int = 0, most: int = 64,
-                 **options) -> int:
+                 prefill_rows: int = PREFILL_ROWS, **options) -> int:
     """The most request slots (up to `most`) of `context` tokens an engine can hold on `target`; 0 if
     not even one fits."""
-    return largest(lambda n: engine_plan(config, target, context, n, prefix_cache, **options).fits, most)
+    return largest(lambda n: engine_plan(config, target, context, n, prefix_cache, prefill_rows, **options).fits,
+                   most)
+
+
+def engine_size(config: Any, target: str | float, context: int, prefix_cache: int = 0, most: int = 64,
+                **options) -> tuple[int, int]:
+    """(slots, prefill_rows) for an engine on `target`: prompts prefilled PREFILL_ROWS at a time,
+    unless prefilling them one at a time leaves room for more slots (a slot more is worth more)."""
+    batched = engine_slots(config, target, context, prefix_cache, most, PREFILL_ROWS, **options)
+    alone = engine_slots(config, target, context, prefix_cache, most, 1, **options)
+    return (alone, 1) if alone > batched else (batched, PREFILL_ROWS)

@@ -67,20 +67,26 @@ class HybridRuntime(Decoder):
         if set(self.pattern) - set("M*-"):
             raise ValueError(f"the fast runtime runs Mamba, attention and MLP layers; pattern {self.pattern!r} has others")
         self.layers = model.model.layers
-        self.caches: list[MambaCache | KVCache | None] = []
-        for kind, layer in zip(self.pattern, self.layers):
-            if kind == "M":
-                self.caches.append(MambaCache.empty(layer.mixer, rows, self.dtype, ssm_dtype, self.device))
-            elif kind == "*":
-                self.caches.append(KVCache.empty(layer.mixer, config.num_key_value_heads, rows, capacity, self.dtype,
-                                                 self.device))
-            else:
-                self.caches.append(None)
+        self.ssm_dtype = ssm_dtype
+        self.caches = self._empty_caches(rows, capacity)
         self.position = torch.zeros((), dtype=torch.long, device=self.device)  # where the next token goes
         self.start = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's first real token
         self.padded = False
         self.name = describe(self.kernels, self.graphs)
         self._tap = None  # set by `run_layers`: sees the activations of the layer being run
+
+    def _empty_caches(self, rows: int, capacity: int) -> list[MambaCache | KVCache | None]:
+        """Zeroed caches for `rows` sequences of up to `capacity` tokens, one per layer (None for MLPs)."""
+        caches = []
+        for kind, layer in zip(self.pattern, self.layers):
+            if kind == "M":
+                caches.append(MambaCache.empty(layer.mixer, rows, self.dtype, self.ssm_dtype, self.device))
+            elif kind == "*":
+                caches.append(KVCache.empty(layer.mixer, self.model.config.num_key_value_heads, rows, capacity,
+                                            self.dtype, self.device))
+            else:
+                caches.append(None)
+        return caches
 
     # The layers.
 
@@ -210,6 +216,11 @@ class HybridRuntime(Decoder):
             raise ValueError(f"prefill of {rows} x {width} tokens does not fit {self.rows} rows x {self.capacity}")
         self.start.copy_(width - attention_mask.sum(dim=1))
         self.padded = bool((self.start > 0).any())
+        return self._prefill(input_ids, attention_mask)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`prefill` once `start` and `padded` are set."""
+        rows, width = input_ids.shape
         embeddings = self.model.model.embeddings
         chunk = prefill_chunk(rows, self.prefill_chunk)
         for begin in range(0, width, chunk):
@@ -246,6 +257,51 @@ class HybridRuntime(Decoder):
         view.start = torch.zeros(1, dtype=torch.long, device=self.device)
         view.padded = False
         return view
+
+    @torch.no_grad()
+    def prefill_slots(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Fresh prompts (token ids) prefilled into rows `slots` of these caches, whatever those rows
+        held before, as one left-padded batch; the logits of each prompt's last token.
+
+        The engine's slots for requests admitted together are seldom adjacent, so the prefill runs
+        on caches of its own, as long as the longest prompt, and each row then moves into its slot:
+        the Mamba state as it is, the keys and values of the prompt's tokens to positions 0.. (left
+        of them was padding). Everything is sent to the device without waiting for it."""
+        rows, width = len(prompts), max(map(len, prompts), default=0)
+        if rows != len(slots) or len(set(slots)) != rows or not all(prompts):
+            raise ValueError(f"{rows} non-empty prompts need as many distinct slots, got {slots!r}")
+        if width >= self.capacity:
+            raise ValueError(f"a prompt of {width} tokens does not fit a capacity of {self.capacity}")
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        mask = torch.zeros(rows, width, dtype=torch.long)
+        # Each prompt token's (row, position) in the batch, and (slot, position) in these caches.
+        source_row, source_pos, target_row, target_pos = [], [], [], []
+        for row, (prompt, slot) in enumerate(zip(prompts, slots)):
+            pad = width - len(prompt)
+            ids[row, pad:] = torch.tensor(prompt)
+            mask[row, pad:] = 1
+            source_row += [row] * len(prompt)
+            source_pos += range(pad, width)
+            target_row += [slot] * len(prompt)
+            target_pos += range(len(prompt))
+        ids, mask, index, moves = (to_device(t, self.device) for t in (
+            ids, mask, torch.tensor(slots), torch.tensor([source_row, source_pos, target_row, target_pos])))
+        fresh = copy.copy(self)
+        fresh.rows, fresh.capacity = rows, width + 1
+        fresh.caches = self._empty_caches(rows, width + 1)
+        fresh.position = torch.zeros((), dtype=torch.long, device=self.device)
+        fresh.start = (width - mask.sum(dim=1)).contiguous()
+        fresh.padded = any(len(p) < width for p in prompts)
+        logits = fresh._prefill(ids, mask)
+        source_row, source_pos, target_row, target_pos = moves
+        for mine, theirs in zip(self.caches, fresh.caches):
+            if isinstance(mine, MambaCache):
+                mine.conv.index_copy_(0, index, theirs.conv)
+                mine.ssm.index_copy_(0, index, theirs.ssm)
+            elif isinstance(mine, KVCache):
+                for here, there in ((mine.k, theirs.k), (mine.v, theirs.v)):
+                    here.transpose(1, 2)[target_row, target_pos] = there.transpose(1, 2)[source_row, source_pos]
+        return logits
 
     @torch.no_grad()
     def extend(self, input_ids: torch.Tensor, begin: int) -> torch.Tensor:
@@ -309,6 +365,14 @@ class HybridRuntime(Decoder):
         if not self.graphs:
             return step
         return _GraphedStep(step, self.device, generator)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory without waiting: a plain copy from
+    pageable memory would first wait for all the work queued on the device."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _conv_step(state, x, weight, bias, live=None):

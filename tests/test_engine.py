@@ -44,6 +44,29 @@ def test_requests_through_the_engine_equal_each_alone(fast, alone):
     assert all(r.state == "finished" and r.slot is None for r in requests) and engine.active() == 0
 
 
+def test_prompts_admitted_together_are_prefilled_as_one_batch_and_equal_each_alone(fast, alone, monkeypatch):
+    engine = Engine(fast, slots=5, context=256, prefill_rows=3)
+    batches = []
+    prefill_slots = engine.runtime.prefill_slots
+    monkeypatch.setattr(engine.runtime, "prefill_slots",
+                        lambda prompts, slots: batches.append(list(slots)) or prefill_slots(prompts, slots))
+    requests = [engine.submit(p, budget=b, max_new_tokens=24) for p, b in zip(PROMPTS, BUDGETS)]
+    engine.run()
+    assert batches == [[0, 1, 2], [3, 4]]  # at most three prompts a call
+    assert [r.result for r in requests] == alone
+
+
+def test_a_batch_of_prompts_keeps_within_one_prefill_chunk_with_its_padding(fast):
+    lengths = [len(fast.chat.encode(fast.chat.render(p)[0])) for p in PROMPTS[:3]]
+    chunk = max(lengths) * 2  # room for two of the longest, not three
+    engine = Engine(fast, slots=3, context=256, prefill_chunk=chunk)
+    for p in PROMPTS[:3]:
+        engine.submit(p, max_new_tokens=4)
+    engine.step()
+    assert [r is not None and r.state for r in engine.in_slot].count("decoding") == 2
+    engine.run()
+
+
 def test_a_request_joining_a_running_batch_equals_it_alone(fast, alone):
     engine = Engine(fast, slots=4, context=256, prefill_chunk=8)
     first = engine.submit(PROMPTS[0], budget=BUDGETS[0], max_new_tokens=24)

@@ -162,6 +162,9 @@ def test_the_engine_slots_fit_the_target_and_one_more_would_not():
     assert engine_slots(config, "h100", 32768, prefix_cache=8 * GIB, most=4096) < engine_slots(config, "h100", 32768,
                                                                                                   most=4096)
     assert engine_slots(config, "h100", 32768) == 64  # at most 64 by default
+    # Prompts prefilled together hold their state until it moves into their slots: memory one at a time does not.
+    assert engine_plan(config, "h100", 8192, 16).workspace > engine_plan(config, "h100", 8192, 16, prefill_rows=1).workspace
+    assert engine_slots(config, "a10g", 131072, prefill_rows=8) < engine_slots(config, "a10g", 131072, prefill_rows=1)
 
 
 def test_serve_sizes_its_engine_by_the_planner_and_refuses_what_cannot_fit():
@@ -173,9 +176,10 @@ def test_serve_sizes_its_engine_by_the_planner_and_refuses_what_cannot_fit():
     from nano.shapes import shape_config
 
     model = SimpleNamespace(config=shape_config("nano-9b-v2"), device=torch.device("cpu"))
-    assert engine_size(model, 131072, 0)[0] == 8  # the CPU's default
-    slots, why = engine_size(model, 131072, 0, gpu="a10g")
-    assert slots == 2 and "a10g" in why
-    assert engine_size(model, 8192, 0, gpu="h200")[0] == 64
+    assert engine_size(model, 131072, 0)[:2] == (8, 8)  # the CPU's default
+    slots, rows, why = engine_size(model, 131072, 0, gpu="a10g")
+    # Two slots of 128k, with one prompt prefilled at a time: prefilling two together would leave one.
+    assert (slots, rows) == (2, 1) and "a10g" in why and "one prompt prefilled at a time" in why
+    assert engine_size(model, 8192, 0, gpu="h200")[:2] == (64, 8)
     with pytest.raises(ValueError, match="not one request of 131072 tokens fits 18 GiB: it needs"):
         engine_size(model, 131072, 0, gpu="18")

@@ -125,6 +125,48 @@ def test_generate_with_the_fast_runtime_equals_the_reference(tiny_dir):
     assert stream.result == nano.generate(reference, prompts[1], budget=8, max_new_tokens=30)
 
 
+def test_prompts_prefilled_together_into_slots_equal_each_prefilled_alone_into_its_slot(tiny):
+    """The engine's batched prefill (left-padded, on caches of its own, moved into scattered slots)
+    against the obvious way: each prompt extended alone into its slot."""
+    prompts = [tiny.chat.encode(tiny.chat.render(t)[0]) for t in ["hi", "What is 2 + 2? Please explain in detail.", "x y"]]
+    slots = [3, 0, 2]
+    together = HybridRuntime(tiny.model, 4, 128, prefill_chunk=16)  # several chunks, padding in the first
+    alone = HybridRuntime(tiny.model, 4, 128)
+    for mine, theirs in zip(together.caches, alone.caches):  # earlier contents, the same in both
+        for name in ("conv", "ssm", "k", "v"):
+            if hasattr(mine, name):
+                getattr(theirs, name).copy_(getattr(mine, name).normal_())
+    logits = together.prefill_slots(prompts, slots)
+    for row, (prompt, slot) in enumerate(zip(prompts, slots)):
+        view = alone.slot(slot)
+        for cache in view.caches:
+            if hasattr(cache, "ssm"):
+                cache.reset()  # as the engine does on admission
+        alone_logits = view.extend(torch.tensor([prompt]), 0)
+        torch.testing.assert_close(logits[row : row + 1], alone_logits, rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(together.caches, alone.caches):
+        if mine is None:
+            continue
+        if hasattr(mine, "ssm"):
+            torch.testing.assert_close(mine.conv, theirs.conv, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(mine.ssm, theirs.ssm, rtol=1e-4, atol=1e-4)
+        else:
+            for slot, prompt in zip(slots, prompts):  # the prompt's keys and values; past them, what was there
+                for here, there in ((mine.k, theirs.k), (mine.v, theirs.v)):
+                    torch.testing.assert_close(here[slot, :, : len(prompt)], there[slot, :, : len(prompt)],
+                                               rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(mine.k[1], theirs.k[1])  # the slot not prefilled: untouched
+            torch.testing.assert_close(mine.k[:, :, 100:], theirs.k[:, :, 100:])
+
+
+def test_prefill_slots_refuses_what_does_not_fit(tiny):
+    runtime = HybridRuntime(tiny.model, 2, 8)
+    with pytest.raises(ValueError, match="2 non-empty prompts need as many distinct slots, got \\[1, 1\\]"):
+        runtime.prefill_slots([[5], [6]], [1, 1])
+    with pytest.raises(ValueError, match="a prompt of 8 tokens does not fit a capacity of 8"):
+        runtime.prefill_slots([[5] * 8], [0])
+
+
 def test_capacity_is_checked(tiny):
     runtime = HybridRuntime(tiny.model, 1, 8)
     with pytest.raises(ValueError, match="does not fit 1 rows x 8"):

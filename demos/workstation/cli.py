@@ -7,13 +7,17 @@ import argparse
 MIB = 2**20
 
 
-def engine_size(model, context: int, prefix_cache: int, gpu: str | None = None, most: int = 64) -> tuple[int, str]:
-    """The engine's slot count for `context` tokens each, by the planner, and a line saying why: on a
-    GPU, as many as fit its memory (or the named `gpu` target's), at most `most`; on the CPU, 8."""
-    from nano.memory import GIB, engine_plan, engine_slots
+def engine_size(model, context: int, prefix_cache: int, gpu: str | None = None,
+                most: int = 64) -> tuple[int, int, str]:
+    """The engine's slots of `context` tokens each and the prompts it prefills together, by the planner,
+    and a line saying why: on a GPU, as many slots as fit its memory (or the named `gpu` target's), at
+    most `most`; on the CPU, 8."""
+    from nano.hardware import PREFILL_ROWS
+    from nano.memory import GIB, engine_plan
+    from nano.memory import engine_size as plan_size
 
     if model.device.type != "cuda" and gpu is None:
-        return 8, "8 slots (the CPU's default)"
+        return 8, PREFILL_ROWS, "8 slots (the CPU's default)"
     if gpu is None:
         import torch
 
@@ -25,13 +29,15 @@ def engine_size(model, context: int, prefix_cache: int, gpu: str | None = None, 
             target, where = float(gpu), f"{gpu} GiB"
         except ValueError:
             target, where = gpu, gpu
-    slots = engine_slots(model.config, target, context, prefix_cache, most=most)
+    slots, rows = plan_size(model.config, target, context, prefix_cache, most=most)
     if not slots:
-        need = engine_plan(model.config, target, context, 1, prefix_cache).total / GIB
+        need = engine_plan(model.config, target, context, 1, prefix_cache, prefill_rows=1).total / GIB
         raise ValueError(f"not one request of {context} tokens fits {where}: it needs {need:.1f} GiB; "
                          "lower --context or --prefix-cache-mib")
-    total = engine_plan(model.config, target, context, slots, prefix_cache).total / GIB
-    return slots, f"{slots} slots (the planner: {total:.1f} GiB planned in {where}, at most {most})"
+    total = engine_plan(model.config, target, context, slots, prefix_cache, prefill_rows=rows).total / GIB
+    together = "one prompt prefilled at a time, which leaves room for more slots" if rows == 1 else (
+        f"up to {rows} prompts prefilled together")
+    return slots, rows, f"{slots} slots (the planner: {total:.1f} GiB planned in {where}, at most {most}; {together})"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -42,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import nano
     from nano.cli import quiet_transformers
     from nano.config import context_length
+    from nano.hardware import PREFILL_ROWS
 
     from .server import create_app
 
@@ -53,14 +60,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     context = args.context or context_length(model.config)
     prefix_cache = (args.prefix_cache_mib if args.prefix_cache_mib is not None
                     else 1024 if model.device.type == "cuda" else 256) * MIB
+    rows = PREFILL_ROWS
     if args.batching == "static":
         slots, why = (8 if args.max_batch == "auto" else args.max_batch), "static batches"
     elif args.max_batch == "auto":
-        slots, why = engine_size(model, context, prefix_cache, args.gpu)
+        slots, rows, why = engine_size(model, context, prefix_cache, args.gpu)
     else:
         slots, why = args.max_batch, f"{args.max_batch} slots (--max-batch)"
     app = create_app(model, name, max_batch=slots, default_max_tokens=args.max_tokens, batching=args.batching,
-                     context=context, max_waiting=args.max_waiting, prefix_cache=prefix_cache)
+                     context=context, max_waiting=args.max_waiting, prefix_cache=prefix_cache, prefill_rows=rows)
     print(f"serving {name} ({model.runtime_name()}) on http://{args.host}:{args.port}/v1: {args.batching} batching, "
           f"{why}, {context} tokens each")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from nano.hardware import PREFILL_ROWS
+
 from .batching import DONE, Busy, ContinuousBatcher, StaticBatcher, Ticket
 
 
@@ -130,12 +132,13 @@ def _usage(result) -> dict:
 
 def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: int = 1024,
                batching: str = "continuous", context: int | None = None, max_waiting: int | None = None,
-               prefix_cache: int = 0):
+               prefix_cache: int = 0, prefill_rows: int = PREFILL_ROWS):
     """The FastAPI application serving `model` (a `nano.Model`) as `model_name`.
 
     `batching` "continuous" runs an engine of `max_batch` slots of `context` tokens (the model's
-    context by default) with `prefix_cache` bytes of prefix snapshots, refusing requests past
-    `max_waiting` queued (4 per slot by default); "static" runs batches of up to `max_batch`.
+    context by default) with `prefix_cache` bytes of prefix snapshots, prefilling up to
+    `prefill_rows` prompts together, refusing requests past `max_waiting` queued (4 per slot by
+    default); "static" runs batches of up to `max_batch`.
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -143,7 +146,7 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
 
     if batching == "continuous":
         batcher = ContinuousBatcher(model, slots=max_batch, context=context, max_waiting=max_waiting,
-                                    prefix_cache=prefix_cache)
+                                    prefix_cache=prefix_cache, prefill_rows=prefill_rows)
     elif batching == "static":
         batcher = StaticBatcher(model, max_batch)
     else:
