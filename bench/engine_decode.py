@@ -28,12 +28,14 @@ from nano.shapes import SHAPES
 PROMPT = "What is 347 + 58 * 6 - 12? " * 4
 
 
-def engine_rate(engine: Engine, rows: int, new_tokens: int, repeats: int = 3) -> float:
-    """Tokens/s of the engine's decode with `rows` requests decoding: admitted one by one as a server
-    admits them, then `new_tokens` steps timed; the median of `repeats` (after one to warm up)."""
-    rates = []
+def engine_rate(engine: Engine, rows: int, new_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """Tokens/s of the engine's decode with `rows` requests decoding: admitted as a server admits
+    them, then `new_tokens` steps timed; the median of `repeats` (after one to warm up). And the
+    same steps' device rate: the captured decode step replayed back to back, without the engine's
+    host work around it (what the host costs is the difference)."""
+    rates, device = [], []
     for _ in range(repeats + 1):
-        requests = [engine.submit(PROMPT, max_new_tokens=new_tokens + rows + 16) for _ in range(rows)]
+        requests = [engine.submit(PROMPT, max_new_tokens=2 * new_tokens + rows + 16) for _ in range(rows)]
         while any(r.state != "decoding" for r in requests):
             engine.step()
         torch.cuda.synchronize()
@@ -42,10 +44,20 @@ def engine_rate(engine: Engine, rows: int, new_tokens: int, repeats: int = 3) ->
             engine.step()
         torch.cuda.synchronize()
         rates.append((sum(len(r.tokens) for r in requests) - before) / (time.perf_counter() - start))
+        step = engine._step(next(b for b in engine.buckets if b >= rows), True)  # the engine's greedy step
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            step(engine.tokens[:rows])
+        torch.cuda.synchronize()
+        device.append(rows * new_tokens / (time.perf_counter() - start))
         for r in requests:
             engine.cancel(r)
         engine.run()
-    return sorted(rates[1:])[len(rates[1:]) // 2]
+    return _median(rates[1:]), _median(device[1:])
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def main() -> None:
@@ -53,6 +65,7 @@ def main() -> None:
     parser.add_argument("--shape", default="nano-9b-v2", choices=sorted(SHAPES))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--context", type=int, default=1024, help="the engine's tokens per slot")
     args = parser.parse_args()
 
     import transformers
@@ -65,19 +78,21 @@ def main() -> None:
     roofline = bandwidth / weight_bytes
     rows = []
     for batch in args.batches:
-        engine = Engine(model, slots=batch, context=1024)
-        through_engine = engine_rate(engine, batch, args.new_tokens)
+        engine = Engine(model, slots=batch, context=args.context)
+        through_engine, replayed = engine_rate(engine, batch, args.new_tokens)
         del engine
         torch.cuda.empty_cache()
         alone = decode_rate(model, batch, args.new_tokens)
-        row = dict(batch=batch, engine_tokens_per_s=round(through_engine, 1), generate_tokens_per_s=round(alone, 1),
+        row = dict(batch=batch, engine_tokens_per_s=round(through_engine, 1),
+                   step_replayed_tokens_per_s=round(replayed, 1), generate_tokens_per_s=round(alone, 1),
                    engine_vs_generate=round(through_engine / alone, 3))
         if batch == 1:
             row.update(engine_of_roofline=round(through_engine / roofline, 3),
                        generate_of_roofline=round(alone / roofline, 3))
         rows.append(row)
         print(row, flush=True)
-    write(f"engine-decode-{args.shape}", rows, ["batch", "engine_tokens_per_s", "generate_tokens_per_s",
+    write(f"engine-decode-{args.shape}", rows, ["batch", "engine_tokens_per_s", "step_replayed_tokens_per_s",
+                                                 "generate_tokens_per_s",
                                                  "engine_vs_generate", "engine_of_roofline", "generate_of_roofline"],
           "cuda", shape=args.shape, weight_gib=round(weight_bytes / 2**30, 2),
           copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), roofline_tokens_per_s=round(roofline, 1),

@@ -34,6 +34,7 @@ import queue
 import random
 import socket
 import string
+import sys
 import threading
 import time
 
@@ -216,7 +217,11 @@ def main() -> None:
     parser.add_argument("--prefix-cache-mib", type=int, default=1024)
     parser.add_argument("--device")
     parser.add_argument("--tag", default="", help="added to the results file's name")
+    parser.add_argument("--switch-interval", type=float,
+                        help="the server process's thread switch interval in seconds (sys.setswitchinterval)")
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
     import torch
     import transformers
@@ -256,6 +261,7 @@ def main() -> None:
             row = dict(batching=batching, clients=clients, **summarise(records, wall, jobs, expected),
                        largest_batch=after["largest_batch"], warm_up_s=round(warm_up_s, 1))
             if batching == "continuous":
+                row.update({k: v - before["engine"][k] for k, v in after["engine"].items()})
                 hits = after["prefix_cache"]["hits"] - before["prefix_cache"]["hits"]
                 lookups = after["prefix_cache"]["lookups"] - before["prefix_cache"]["lookups"]
                 row.update(prefix_hit_rate=round(hits / lookups, 3) if lookups else 0.0,
@@ -273,7 +279,8 @@ def main() -> None:
     write(f"serve-load-{name}{suffix}-{'cuda' if model.device.type == 'cuda' else 'cpu'}{args.tag}", rows, columns,
           device, model=name, runtime=model.runtime_name(), dtype=str(model.dtype), slots_or_rows=slots,
           context=context, workload=args.workload, max_tokens=args.max_tokens, budget=args.budget,
-          seconds_per_load=args.seconds, mixed_up_check="answers alone" if trained else "token counts", **extra)
+          seconds_per_load=args.seconds, mixed_up_check="answers alone" if trained else "token counts",
+          switch_interval_s=sys.getswitchinterval(), **extra)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ class Engine:
         self._pending: tuple[Readback, list[tuple[int, Request]]] | None = None  # the decode step not yet read
         self._first: list[tuple[Request, Readback]] = []  # first tokens of prefills ended, not yet read
         self._ids = itertools.count()
+        self.counts = dict(steps=0, decode_steps=0, prefill_calls=0, prompts_together=0)  # what the steps did
         self.name = f"engine of {slots} slots x {self.context} tokens, {self.runtime.name}"
 
     # Requests.
@@ -214,7 +215,9 @@ class Engine:
         first = self._prefill()
         decoding = [s for s, r in enumerate(self.in_slot) if r is not None and r.state == "decoding"]
         launched = None
+        self.counts["steps"] += 1
         if decoding:
+            self.counts["decode_steps"] += 1
             rows = next(b for b in self.buckets if b > max(decoding))
             greedy = all(self.in_slot[s].temperature == 0 for s in decoding)
             token, kind, done, hit = self._step(rows, greedy)(self.tokens[:rows])
@@ -270,6 +273,7 @@ class Engine:
         prompt is done starts decoding; its first token is read back with the next call's tokens."""
         if not self.prefilling:
             return []
+        self.counts["prefill_calls"] += 1
         head = self.prefilling[0]
         if not self._whole(head):
             return self._prefill_chunk(head)
@@ -284,6 +288,7 @@ class Engine:
             return self._prefill_chunk(head)
         for request in batch:
             self.prefilling.remove(request)
+        self.counts["prompts_together"] += len(batch)
         logits = self.runtime.prefill_slots([r.prompt_ids for r in batch], [r.slot for r in batch])
         return [self._start(r, logits[i : i + 1]) for i, r in enumerate(batch)]
 

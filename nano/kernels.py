@@ -104,9 +104,10 @@ def chunk_scan_torch(x, dt, A, B, C, D, dt_bias, initial_state, dt_limit=(0.0, m
     return y.to(x.dtype), state
 
 
-def state_update_torch(state, x, dt, A, B, C, D, dt_bias, live=None):
+def state_update_torch(state, x, dt, A, B, C, D, dt_bias, index=None):
     """One Mamba2 step in place on `state` (b, h, p, n; fp32); x (b, h, p), dt (b, h), B and C (b, g, n).
-    Rows where `live` (b,) is false keep their state and output zeros."""
+    `index` (b,), as mamba-ssm's `state_batch_indices` where each row updates its own state: i for
+    row i, or -1 for a padding row, which keeps its state and outputs zeros."""
     heads, groups = x.shape[1], B.shape[1]
     dt = F.softplus(dt.float() + dt_bias.float())  # (b, h); no clamp, as transformers' one-step update
     B = B.float().repeat_interleave(heads // groups, dim=1)
@@ -114,7 +115,8 @@ def state_update_torch(state, x, dt, A, B, C, D, dt_bias, live=None):
     decay = torch.exp(dt * A.float())
     new = state * decay[..., None, None] + (dt[..., None] * x.float())[..., None] * B[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", new, C) + D.float()[:, None] * x.float()
-    if live is not None:
+    if index is not None:
+        live = index >= 0
         new = torch.where(live[:, None, None, None], new, state)
         y = y * live[:, None, None]
     state.copy_(new)
@@ -181,11 +183,9 @@ def triton_kernels(mamba: dict) -> Kernels:
         )
         return y, final
 
-    def state_update(state, x, dt, A, B, C, D, dt_bias, live=None):
+    def state_update(state, x, dt, A, B, C, D, dt_bias, index=None):
         heads, p, n = state.shape[1], state.shape[2], state.shape[3]
-        # A negative index makes the kernel skip the row: no read, no write, zeros out.
-        index = None if live is None else torch.where(live, torch.arange(x.shape[0], device=x.device), -1)
-        # Broadcast views with zero strides: the kernel then reads dt, A, D once per head ("tie_hdim").
+        # A negative index makes the kernel skip the row: no read, no write, zeros out. Broadcast views with zero strides: the kernel then reads dt, A, D once per head ("tie_hdim").
         return mamba["state_update"](
             state,
             x,

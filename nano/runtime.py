@@ -90,9 +90,10 @@ class HybridRuntime(Decoder):
 
     # The layers.
 
-    def _mamba(self, x, mixer, cache: MambaCache, keep=None, live=None):
+    def _mamba(self, x, mixer, cache: MambaCache, keep=None, live=None, index=None):
         """A Mamba2 mixer over x (rows, T, hidden); `keep` (rows, T) zeroes padded positions; in a
-        decode step, rows where `live` (rows,) is false leave their state as it was."""
+        decode step, rows where `live` (rows,) is false leave their state as it was (`index`: i for
+        a live row i, -1 for the others, as the state update takes it)."""
         rows, length, _ = x.shape
         dims = MambaDims.of(mixer)
         heads, p, n, groups = dims.heads, dims.head_dim, dims.state, dims.groups
@@ -114,7 +115,7 @@ class HybridRuntime(Decoder):
         if length == 1:
             y = self.kernels.state_update(
                 cache.ssm, xs.reshape(rows, heads, p), dt[:, 0], cache.A, B.reshape(rows, groups, n),
-                C.reshape(rows, groups, n), mixer.D, mixer.dt_bias, live=live,
+                C.reshape(rows, groups, n), mixer.D, mixer.dt_bias, index=index,
             )
         else:
             y, final = self.kernels.chunk_scan(
@@ -125,10 +126,10 @@ class HybridRuntime(Decoder):
             cache.ssm.copy_(final)
         return mamba_out(y.reshape(rows, length, dims.inner), z, mixer, self.kernels.gated_rms_norm)
 
-    def _attention(self, x, attn, cache: KVCache, begin: int | None, valid=None, positions=None):
+    def _attention(self, x, attn, cache: KVCache, begin: int | None, valid=None, positions=None, row=None):
         """GQA attention over the cache; `begin` is the chunk's first position (None: one decode token,
         with `valid` (rows, capacity) marking the cache slots it may attend to, written at `positions`
-        (rows,), one per row, or else at the shared `self.position`)."""
+        (rows,), one per row (`row`: 0..rows-1), or else at the shared `self.position`)."""
         rows, length, _ = x.shape
         q, k, v = qkv(x, attn)
         heads, kv, d = q.shape[1], k.shape[1], attn.head_dim
@@ -138,7 +139,6 @@ class HybridRuntime(Decoder):
                 cache.k.index_copy_(2, index, k)
                 cache.v.index_copy_(2, index, v)
             else:
-                row = torch.arange(rows, device=x.device)
                 cache.k[row, :, positions] = k[:, :, 0]
                 cache.v[row, :, positions] = v[:, :, 0]
             # The query heads sharing a KV head attend as a group, no copy of the cache per query head;
@@ -182,20 +182,24 @@ class HybridRuntime(Decoder):
         """All layers over hidden (rows, T, hidden); returns the final-normed last position (rows, hidden).
         A decode step of the first rows, each at its own position: `positions` and `live` (`step_slots`)."""
         valid, rows = None, hidden.shape[0]
+        row = index = None
         if begin is None:  # one decode token: the cache slots each row attends to, shared by all attention layers
             slots = torch.arange(self.capacity, device=hidden.device)
             if positions is None:
                 valid = (slots[None, :] >= self.start[:, None]) & (slots[None, :] <= self.position)
             else:
                 valid = slots[None, :] <= positions[:, None]
+                row = torch.arange(rows, device=hidden.device)
+            if live is not None:
+                index = torch.where(live, row, -1)
         residual, out = None, hidden
         for kind, layer, cache in zip(self.pattern, self.layers, self.caches):
             cache = cache.first(rows) if cache is not None else None
             normed, residual = self.kernels.rms_norm(out, layer.norm.weight, self.eps, residual=residual)
             if kind == "M":
-                out = self._mamba(normed, layer.mixer, cache, keep, live)
+                out = self._mamba(normed, layer.mixer, cache, keep, live, index)
             elif kind == "*":
-                out = self._attention(normed, layer.mixer, cache, begin, valid, positions)
+                out = self._attention(normed, layer.mixer, cache, begin, valid, positions, row)
             else:
                 out = self._mlp(normed, layer.mixer)
         last = slice(-1, None)

@@ -127,7 +127,8 @@ class ContinuousBatcher:
     def stats(self) -> dict:
         return dict(batching=self.kind, slots=self.engine.slots, context=self.engine.context,
                     active=self.engine.active(), waiting=self.waiting, finished=self.finished,
-                    refused=self.refused, largest_batch=self.largest, prefix_cache=self.engine.prefix.stats())
+                    refused=self.refused, largest_batch=self.largest, prefix_cache=self.engine.prefix.stats(),
+                    engine=dict(self.engine.counts))
 
     def _work(self) -> None:
         engine, outbox = self.engine, _Outbox()
