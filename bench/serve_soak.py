@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--prefix-cache-mib", type=float, default=8, help="small, so it is full before the baseline")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default="", help="added to the results file's name")
+    parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                        help="do not prefill once at every chunk length before the load")
     args = parser.parse_args()
 
     import torch
@@ -151,6 +153,13 @@ def main() -> None:
     app = create_app(model, "model", max_batch=args.slots, default_max_tokens=256, context=2048,
                      prefix_cache=int(args.prefix_cache_mib * 2**20))
     batcher = app.state.batcher
+    if args.prewarm:
+        # The CPU build of torch keeps some native state per new prefill length (oneDNN's conv primitives,
+        # about 30 MiB over every length up to the chunk; serve-growth-probe-cpu.json): fill it before the
+        # baseline, so that growth after it is growth with the requests served.
+        view = batcher.engine.runtime.slot(0)
+        for length in range(1, batcher.engine.prefill_chunk + 1):
+            view.extend(torch.randint(0, len(model.tokenizer), (1, length), device=model.device), 0)
     server, url = _serve(app)
     samples, began = [], time.perf_counter()
 
@@ -196,6 +205,7 @@ def main() -> None:
                prefix_entries_end=end["prefix_entries"])
     write(f"serve-soak-{args.model}-{args.device}{args.tag}", [row], list(row), args.device, model=args.model,
           slots=args.slots, clients=args.clients, torch=torch.__version__, baseline_minute=baseline["minute"],
+          prewarm=args.prewarm,
           first_failures=[dict(f) for f in failures[:5]], samples=samples)
 
 
