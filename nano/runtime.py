@@ -18,6 +18,7 @@ Mamba layers' inputs, as transformers does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -35,6 +36,15 @@ try:
     from torch.nn.attention.bias import causal_lower_right
 except ImportError:  # older torch: chunks after the first fall back to an explicit mask
     causal_lower_right = None
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Not cuDNN's: on an H200 (torch 2.11) it is the default and plans each new sequence length anew,
+    # 42-104 ms of host time per call, where prompts are a new length almost every time; flash or
+    # memory-efficient attention take 0.1-0.7 ms (bench/results/sdpa-host-h200.json).
+    _PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+except ImportError:  # older torch: whatever it picks
+    sdpa_kernel, _PREFILL_ATTENTION = None, None
 
 
 def describe(kernels: Kernels, graphs: bool) -> str:
@@ -151,25 +161,27 @@ class HybridRuntime(Decoder):
             cache.k[:, :, begin:end] = k
             cache.v[:, :, begin:end] = v
             keys, values = cache.k[:, :, :end], cache.v[:, :, :end]
-            if self.padded or (begin > 0 and causal_lower_right is None):
-                key_pos = torch.arange(end, device=x.device)
-                query_pos = torch.arange(begin, end, device=x.device)
-                mask = (key_pos[None, :] <= query_pos[:, None])[None] & (key_pos[None, None, :] >= self.start[:, None, None])
-                mask |= key_pos[None, None, :] == query_pos[None, :, None]  # padded queries see themselves: no NaN
-                group = heads // kv
-                out = F.scaled_dot_product_attention(
-                    q, keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1), attn_mask=mask[:, None]
-                )
-            elif begin == 0:
-                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
-            else:
-                out = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=causal_lower_right(length, end), enable_gqa=True
-                )
+            with sdpa_kernel(_PREFILL_ATTENTION) if sdpa_kernel is not None else contextlib.nullcontext():
+                out = self._prefill_attention(q, keys, values, begin, length, end, heads, kv)
             out = out.transpose(1, 2).reshape(rows, length, heads * d)
         if self._tap is not None:
             self._tap("attention", out)
         return attention_out(out, attn)
+
+    def _prefill_attention(self, q, keys, values, begin: int, length: int, end: int, heads: int, kv: int):
+        """Attention of a chunk's queries (positions begin..end-1) over the keys and values to `end`."""
+        if self.padded or (begin > 0 and causal_lower_right is None):
+            key_pos = torch.arange(end, device=q.device)
+            query_pos = torch.arange(begin, end, device=q.device)
+            mask = (key_pos[None, :] <= query_pos[:, None])[None] & (key_pos[None, None, :] >= self.start[:, None, None])
+            mask |= key_pos[None, None, :] == query_pos[None, :, None]  # padded queries see themselves: no NaN
+            group = heads // kv
+            return F.scaled_dot_product_attention(
+                q, keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1), attn_mask=mask[:, None]
+            )
+        if begin == 0:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(length, end), enable_gqa=True)
 
     def _mlp(self, x, mlp):
         up = mlp_up(x, mlp)
