@@ -159,6 +159,25 @@ def test_prompts_prefilled_together_into_slots_equal_each_prefilled_alone_into_i
             torch.testing.assert_close(mine.k[:, :, 100:], theirs.k[:, :, 100:])
 
 
+def test_prefill_attention_never_asks_for_cudnn(tiny, monkeypatch):
+    """cuDNN's attention plans each new sequence length anew (tens of ms of host time on an H200,
+    bench/results/sdpa-host-h200.json): the prefill's attention must run with it switched off."""
+    seen = []
+    attention = HybridRuntime._prefill_attention
+
+    def recording(self, *args):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return attention(self, *args)
+
+    monkeypatch.setattr(HybridRuntime, "_prefill_attention", recording)
+    runtime = HybridRuntime(tiny.model, 2, 64, prefill_chunk=8)
+    input_ids, mask = prompt_batch(tiny, ["hi", "What is 2 + 2?"])  # padded, in several chunks
+    runtime.prefill(input_ids[:, -20:], mask[:, -20:])
+    runtime.slot(0).extend(torch.tensor([[5, 6, 7]]), 30)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # and only there
+
+
 def test_prefill_slots_refuses_what_does_not_fit(tiny):
     runtime = HybridRuntime(tiny.model, 2, 8)
     with pytest.raises(ValueError, match="2 non-empty prompts need as many distinct slots, got \\[1, 1\\]"):
