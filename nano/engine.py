@@ -50,7 +50,7 @@ from .generation import Generation, PreparedPrompt, Readback, _check_sampling, _
 from .hardware import PREFILL_CHUNK, PREFILL_ROWS
 from .layers import MambaCache
 from .prefix_cache import PrefixCache, restore, take
-from .runtime import HybridRuntime, to_device
+from .runtime import HybridRuntime, batch_width, to_device
 
 
 @dataclass
@@ -277,13 +277,14 @@ class Engine:
         head = self.prefilling[0]
         if not self._whole(head):
             return self._prefill_chunk(head)
-        batch, width = [], 0
-        for request in self.prefilling:
+        batch, width = [head], batch_width(len(head.prompt_ids))
+        for request in itertools.islice(self.prefilling, 1, None):
             if len(batch) == self.prefill_rows:
                 break
-            if self._whole(request) and (len(batch) + 1) * max(width, len(request.prompt_ids)) <= self.prefill_chunk:
+            wider = max(width, batch_width(len(request.prompt_ids)))
+            if self._whole(request) and (len(batch) + 1) * wider <= self.prefill_chunk:
                 batch.append(request)
-                width = max(width, len(request.prompt_ids))
+                width = wider
         if len(batch) == 1:  # alone it goes straight into its slot
             return self._prefill_chunk(head)
         for request in batch:

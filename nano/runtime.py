@@ -282,12 +282,16 @@ class HybridRuntime(Decoder):
         The engine's slots for requests admitted together are seldom adjacent, so the prefill runs
         on caches of its own, as long as the longest prompt, and each row then moves into its slot:
         the Mamba state as it is, the keys and values of the prompt's tokens to positions 0.. (left
-        of them was padding). Everything is sent to the device without waiting for it."""
-        rows, width = len(prompts), max(map(len, prompts), default=0)
+        of them was padding). The batch is padded to a multiple of 16 tokens (`batch_width`), so that
+        it comes in few shapes: libraries keep state per new shape (oneDNN's conv primitives on the
+        CPU, about 60 KiB each; attention and Triton kernels on a GPU). Everything is sent to the
+        device without waiting for it."""
+        rows, longest = len(prompts), max(map(len, prompts), default=0)
         if rows != len(slots) or len(set(slots)) != rows or not all(prompts):
             raise ValueError(f"{rows} non-empty prompts need as many distinct slots, got {slots!r}")
-        if width >= self.capacity:
-            raise ValueError(f"a prompt of {width} tokens does not fit a capacity of {self.capacity}")
+        if longest >= self.capacity:
+            raise ValueError(f"a prompt of {longest} tokens does not fit a capacity of {self.capacity}")
+        width = min(batch_width(longest), self.capacity - 1)
         ids = torch.zeros(rows, width, dtype=torch.long)
         mask = torch.zeros(rows, width, dtype=torch.long)
         # Each prompt token's (row, position) in the batch, and (slot, position) in these caches.
@@ -381,6 +385,15 @@ class HybridRuntime(Decoder):
         if not self.graphs:
             return step
         return _GraphedStep(step, self.device, generator)
+
+
+BATCH_ALIGN = 16
+
+
+def batch_width(longest: int) -> int:
+    """The width of a batch of prompts prefilled together (`HybridRuntime.prefill_slots`): the longest
+    rounded up to a multiple of BATCH_ALIGN."""
+    return -(-longest // BATCH_ALIGN) * BATCH_ALIGN
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 import nano
 from nano.engine import Engine, sample_rows
+from nano.runtime import batch_width
 
 PROMPTS = [
     "What is 347 + 58 * 6 - 12?",
@@ -58,7 +59,7 @@ def test_prompts_admitted_together_are_prefilled_as_one_batch_and_equal_each_alo
 
 def test_a_batch_of_prompts_keeps_within_one_prefill_chunk_with_its_padding(fast):
     lengths = [len(fast.chat.encode(fast.chat.render(p)[0])) for p in PROMPTS[:3]]
-    chunk = max(lengths) * 2  # room for two of the longest, not three
+    chunk = batch_width(max(lengths)) * 2  # room for two of the longest with their padding, not three
     engine = Engine(fast, slots=3, context=256, prefill_chunk=chunk)
     for p in PROMPTS[:3]:
         engine.submit(p, max_new_tokens=4)
