@@ -12,6 +12,8 @@ from pathlib import Path
 from nano.provenance import commit, device_name  # noqa: F401  (re-exported for the scripts)
 
 RESULTS = Path(__file__).parent / "results"
+# The commit the benchmark starts from: a long run outlives commits made meanwhile.
+STARTED_AT = commit()
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -27,7 +29,7 @@ def write(name: str, rows: list[dict], columns: list[str], device: str, **extra)
     record = {
         "benchmark": name,
         "device": device_name(device),
-        "commit": commit(),
+        "commit": STARTED_AT,
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
