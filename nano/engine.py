@@ -298,6 +298,8 @@ class Engine:
         return request.prefilled == 0 and not request.stops and len(request.prompt_ids) <= self.prefill_chunk
 
     def _prefill_chunk(self, request: Request) -> list[tuple[Request, Readback]]:
+        """The next chunk of `request`'s prompt, straight into its slot, up to its next turn end where
+        there are any (at the last two, the slot's state goes into the prefix cache)."""
         ids = request.prompt_ids
         begin = request.prefilled
         end = min([begin + self.prefill_chunk, len(ids), *(s for s in request.stops if s > begin)])
