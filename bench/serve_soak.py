@@ -166,7 +166,8 @@ def main() -> None:
     def sample() -> dict:
         stats = batcher.stats()
         return dict(minute=round((time.perf_counter() - began) / 60, 2), rss_mib=round(rss_mib(), 1),
-                    rss_trimmed_mib=trimmed_rss_mib(), python_objects=len(gc.get_objects()), finished=stats["finished"], active=stats["active"],
+                    rss_trimmed_mib=trimmed_rss_mib(), python_objects=len(gc.get_objects()),
+                    finished=stats["finished"], active=stats["active"],
                     waiting=stats["waiting"], live_tickets=len(batcher.live),
                     prefix_entries=stats["prefix_cache"]["entries"], prefix_mib=round(stats["prefix_cache"]["bytes"]
                                                                                       / 2**20, 1))

@@ -135,7 +135,7 @@ class Engine:
         self.in_slot: list[Request | None] = [None] * slots
         self._steps: dict[tuple[int, bool], object] = {}
         self._pending: tuple[Readback, list[tuple[int, Request]]] | None = None  # the decode step not yet read
-        self._first: list[tuple[Request, Readback]] = []  # first tokens of prefills ended, not yet read
+        self._first: tuple[list[Request], Readback] | None = None  # first tokens of prefills ended, not yet read
         self._ids = itertools.count()
         self.counts = dict(steps=0, decode_steps=0, prefill_calls=0, prompts_together=0)  # what the steps did
         self.name = f"engine of {slots} slots x {self.context} tokens, {self.runtime.name}"
@@ -223,7 +223,10 @@ class Engine:
             token, kind, done, hit = self._step(rows, greedy)(self.tokens[:rows])
             launched = (Readback(torch.stack([token, kind, done.long(), hit.long()])),
                         [(s, self.in_slot[s]) for s in decoding])
-        out = [self._take(r, *readback.values()) for r, readback in self._first if self._holds(r)]
+        out = []
+        if self._first is not None:
+            started, readback = self._first
+            out = [self._take(r, *values) for r, values in zip(started, readback.values()) if self._holds(r)]
         if self._pending is not None:
             out += self._collect(*self._pending)
         self._first, self._pending = first, launched
@@ -266,13 +269,13 @@ class Engine:
             self.temperature[slot], self.top_p[slot], self.seed[slot] = request.temperature, request.top_p, request.seed
             self.prefilling.append(request)
 
-    def _prefill(self) -> list[tuple[Request, Readback]]:
+    def _prefill(self) -> tuple[list[Request], Readback] | None:
         """One prefill call: the first prefilling request's next chunk or, where that request is a
         whole prompt of one chunk started afresh, it and the others like it behind it, as one batch
         of up to `prefill_rows` prompts and `prefill_chunk` tokens with the padding. A request whose
         prompt is done starts decoding; its first token is read back with the next call's tokens."""
         if not self.prefilling:
-            return []
+            return None
         self.counts["prefill_calls"] += 1
         head = self.prefilling[0]
         if not self._whole(head):
@@ -291,13 +294,13 @@ class Engine:
             self.prefilling.remove(request)
         self.counts["prompts_together"] += len(batch)
         logits = self.runtime.prefill_slots([r.prompt_ids for r in batch], [r.slot for r in batch])
-        return [self._start(r, logits[i : i + 1]) for i, r in enumerate(batch)]
+        return batch, Readback(torch.stack([self._start(r, logits[i : i + 1]) for i, r in enumerate(batch)]))
 
     def _whole(self, request: Request) -> bool:
         """Whether `request`'s prompt goes in one call from the start (no prefix taken, no stop to store)."""
         return request.prefilled == 0 and not request.stops and len(request.prompt_ids) <= self.prefill_chunk
 
-    def _prefill_chunk(self, request: Request) -> list[tuple[Request, Readback]]:
+    def _prefill_chunk(self, request: Request) -> tuple[list[Request], Readback] | None:
         """The next chunk of `request`'s prompt, straight into its slot, up to its next turn end where
         there are any (at the last two, the slot's state goes into the prefix cache)."""
         ids = request.prompt_ids
@@ -309,13 +312,13 @@ class Engine:
         if end in request.stops[-2:] and ids[:end] not in self.prefix:
             self.prefix.put(take(runtime.caches, end, ids))
         if end < len(ids):
-            return []
+            return None
         self.prefilling.popleft()
-        return [self._start(request, logits)]
+        return [request], Readback(self._start(request, logits)[None])
 
-    def _start(self, request: Request, logits: torch.Tensor) -> tuple[Request, Readback]:
+    def _start(self, request: Request, logits: torch.Tensor) -> torch.Tensor:
         """`request`'s prompt is in its slot (`logits`, (1, vocab), of its last token): it samples its
-        first token and decodes from the next step on."""
+        first token and decodes from the next step on. Its token, kind, done and hit flags, to read back."""
         slot = request.slot
         # The controller row starts only now: until this step the slot was a padding row of the decode steps.
         self.controller.admit(slot, request.ready.budget, request.grace, request.ready.thinking, request.max_new)
@@ -325,8 +328,7 @@ class Engine:
         self.positions[slot] = len(request.prompt_ids)
         request.state = "decoding"
         self.live[slot] = True
-        state = (token[0], kind[0], self.controller.done[slot].long(), self.controller.hit[slot].long())
-        return request, Readback(torch.stack(state))
+        return torch.stack([token[0], kind[0], self.controller.done[slot].long(), self.controller.hit[slot].long()])
 
     def _choose(self, logits, controller: BudgetController, rows: slice, greedy: bool):
         logits[:, self.decodable:] = float("-inf")

@@ -185,7 +185,8 @@ def triton_kernels(mamba: dict) -> Kernels:
 
     def state_update(state, x, dt, A, B, C, D, dt_bias, index=None):
         heads, p, n = state.shape[1], state.shape[2], state.shape[3]
-        # A negative index makes the kernel skip the row: no read, no write, zeros out. Broadcast views with zero strides: the kernel then reads dt, A, D once per head ("tie_hdim").
+        # A negative index makes the kernel skip the row: no read, no write, zeros out.
+        # Broadcast views with zero strides: the kernel then reads dt, A, D once per head ("tie_hdim").
         return mamba["state_update"](
             state,
             x,

@@ -266,11 +266,14 @@ class HybridRuntime(Decoder):
     def slot(self, row: int) -> HybridRuntime:
         """A runtime of one row whose caches are row `row` of these (views): the engine prefills a
         request's slot through it while the others decode."""
+        return self._view([None if c is None else c.row(row) for c in self.caches], 1, self.capacity)
+
+    def _view(self, caches: list, rows: int, capacity: int) -> HybridRuntime:
+        """This runtime (the same weights and kernels) over other caches, of `rows` rows."""
         view = copy.copy(self)
-        view.rows = 1
-        view.caches = [None if c is None else c.row(row) for c in self.caches]
+        view.caches, view.rows, view.capacity = caches, rows, capacity
         view.position = torch.zeros((), dtype=torch.long, device=self.device)
-        view.start = torch.zeros(1, dtype=torch.long, device=self.device)
+        view.start = torch.zeros(view.rows, dtype=torch.long, device=self.device)
         view.padded = False
         return view
 
@@ -306,11 +309,8 @@ class HybridRuntime(Decoder):
             target_pos += range(len(prompt))
         ids, mask, index, moves = (to_device(t, self.device) for t in (
             ids, mask, torch.tensor(slots), torch.tensor([source_row, source_pos, target_row, target_pos])))
-        fresh = copy.copy(self)
-        fresh.rows, fresh.capacity = rows, width + 1
-        fresh.caches = self._empty_caches(rows, width + 1)
-        fresh.position = torch.zeros((), dtype=torch.long, device=self.device)
-        fresh.start = (width - mask.sum(dim=1)).contiguous()
+        fresh = self._view(self._empty_caches(rows, width + 1), rows, width + 1)
+        fresh.start = width - mask.sum(dim=1)
         fresh.padded = any(len(p) < width for p in prompts)
         logits = fresh._prefill(ids, mask)
         source_row, source_pos, target_row, target_pos = moves
