@@ -79,3 +79,15 @@ def prefill_chunk(rows: int, chunk: int = PREFILL_CHUNK) -> int:
     """Tokens per row in one prefill call: `chunk`, fewer when `rows` of it would pass PREFILL_TOKENS
     (a multiple of the scan's 128-token chunks, at least one)."""
     return max(128, min(chunk, PREFILL_TOKENS // rows // 128 * 128))
+
+
+# The KV caches' width is a multiple of this many columns: with a width of 1025 (the engine's context
+# and its scratch column) cuBLAS ran the decode attention's matmuls on unaligned fallbacks, 1.7 ms of
+# a 13.4 ms step at 64 slots on an H200 (bench/results/profile-engine-step-nano-9b-v2-64.json).
+CACHE_ALIGN = 64
+
+
+def cache_columns(capacity: int) -> int:
+    """The width of KV caches for sequences of up to `capacity` tokens: capacity rounded up to a
+    multiple of CACHE_ALIGN. The columns past the capacity are never attended to."""
+    return -(-capacity // CACHE_ALIGN) * CACHE_ALIGN

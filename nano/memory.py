@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import ATTENTION, MAMBA, MLP, family, layer_pattern
 from .hardware import (ARCHITECTURES, DEFAULT_RECIPE, DTYPE_BYTES, JETSON_PRECISIONS, JETSON_QUANTIZED, PREFILL_CHUNK,
-                       PREFILL_ROWS, QUANT_FORMATS, RECIPES, TARGETS, prefill_chunk)
+                       PREFILL_ROWS, QUANT_FORMATS, RECIPES, TARGETS, cache_columns, prefill_chunk)
 
 GIB = 2**30
 
@@ -424,6 +424,7 @@ def engine_plan(config: Any, target: str | float, context: int, slots: int, pref
     the decode step's logits and sampler for every slot; and `prefix_cache` bytes of prefix
     snapshots (counted with the overhead)."""
     full = plan(config, target, context, slots, **options)
+    full = replace(full, kv_cache=full.kv_cache * cache_columns(context + 1) // context)  # what the engine allocates
     one = plan(config, target, context, 1, **options)
     vocab = int(_get(config, "vocab_size"))
     workspace = one.workspace + slots * vocab * SAMPLER_BYTES_PER_LOGIT

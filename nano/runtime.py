@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .compiled import compiled
 from .decoder import Decoder
-from .hardware import prefill_chunk
+from .hardware import cache_columns, prefill_chunk
 from .kernels import Kernels, select_kernels
 from .layers import (KVCache, MambaCache, MambaDims, attention_out, conv_window, mamba_in_proj, mamba_out, mlp_down,
                      mlp_up, qkv, relu2, split_xbc)
@@ -79,6 +79,7 @@ class HybridRuntime(Decoder):
         self.layers = model.model.layers
         self.ssm_dtype = ssm_dtype
         self.caches = self._empty_caches(rows, capacity)
+        self.columns = cache_columns(capacity)  # the caches' width: what a decode step's mask covers
         self.position = torch.zeros((), dtype=torch.long, device=self.device)  # where the next token goes
         self.start = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's first real token
         self.padded = False
@@ -86,8 +87,9 @@ class HybridRuntime(Decoder):
         self._tap = None  # set by `run_layers`: sees the activations of the layer being run
 
     def _empty_caches(self, rows: int, capacity: int) -> list[MambaCache | KVCache | None]:
-        """Zeroed caches for `rows` sequences of up to `capacity` tokens, one per layer (None for MLPs)."""
-        caches = []
+        """Zeroed caches for `rows` sequences of up to `capacity` tokens, one per layer (None for MLPs);
+        the KV caches `cache_columns(capacity)` wide."""
+        capacity, caches = cache_columns(capacity), []
         for kind, layer in zip(self.pattern, self.layers):
             if kind == "M":
                 caches.append(MambaCache.empty(layer.mixer, rows, self.dtype, self.ssm_dtype, self.device))
@@ -196,7 +198,7 @@ class HybridRuntime(Decoder):
         valid, rows = None, hidden.shape[0]
         row = index = None
         if begin is None:  # one decode token: the cache slots each row attends to, shared by all attention layers
-            slots = torch.arange(self.capacity, device=hidden.device)
+            slots = torch.arange(self.columns, device=hidden.device)
             if positions is None:
                 valid = (slots[None, :] >= self.start[:, None]) & (slots[None, :] <= self.position)
             else:
@@ -271,7 +273,7 @@ class HybridRuntime(Decoder):
     def _view(self, caches: list, rows: int, capacity: int) -> HybridRuntime:
         """This runtime (the same weights and kernels) over other caches, of `rows` rows."""
         view = copy.copy(self)
-        view.caches, view.rows, view.capacity = caches, rows, capacity
+        view.caches, view.rows, view.capacity, view.columns = caches, rows, capacity, cache_columns(capacity)
         view.position = torch.zeros((), dtype=torch.long, device=self.device)
         view.start = torch.zeros(view.rows, dtype=torch.long, device=self.device)
         view.padded = False

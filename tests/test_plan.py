@@ -154,9 +154,11 @@ def test_the_engine_slots_fit_the_target_and_one_more_would_not():
         assert slots >= 1
         assert engine_plan(config, target, context, slots).fits
         assert not engine_plan(config, target, context, slots + 1).fits
-    # The slots' state is what a batch of that size holds; one request's prefill at a time, not all of theirs.
+    # The slots' state is what a batch of that size holds, its KV as wide as the engine's caches (the context,
+    # the scratch column, aligned); one request's prefill at a time, not all of theirs.
     engine, batch = engine_plan(config, "h100", 8192, 16), plan(config, "h100", 8192, 16)
-    assert (engine.kv_cache, engine.ssm_state, engine.weights) == (batch.kv_cache, batch.ssm_state, batch.weights)
+    assert (engine.ssm_state, engine.weights) == (batch.ssm_state, batch.weights)
+    assert engine.kv_cache == plan(config, "h100", 8256, 16).kv_cache == batch.kv_cache * 8256 // 8192
     assert engine.workspace < batch.workspace
     # A prefix cache is memory the slots cannot have.
     assert engine_slots(config, "h100", 32768, prefix_cache=8 * GIB, most=4096) < engine_slots(config, "h100", 32768,

@@ -19,6 +19,8 @@ from nano.kernels import (
     rms_norm_torch,
     state_update_torch,
 )
+from nano.hardware import cache_columns
+from nano.layers import KVCache
 from nano.runtime import HybridRuntime
 from twins.scan import chunk_scan_sequential
 
@@ -184,6 +186,19 @@ def test_prefill_slots_refuses_what_does_not_fit(tiny):
         runtime.prefill_slots([[5], [6]], [1, 1])
     with pytest.raises(ValueError, match="a prompt of 8 tokens does not fit a capacity of 8"):
         runtime.prefill_slots([[5] * 8], [0])
+
+
+def test_kv_caches_are_as_wide_as_the_capacity_rounded_to_64_columns(tiny):
+    from nano.engine import Engine
+
+    for capacity, columns in ((1, 64), (64, 64), (65, 128), (1025, 1088)):
+        assert cache_columns(capacity) == columns
+        runtime = HybridRuntime(tiny.model, 1, capacity)
+        assert {c.k.shape[2] for c in runtime.caches if isinstance(c, KVCache)} == {columns}
+        assert runtime.columns == columns and runtime.slot(0).columns == columns
+    # The engine's caches hold its context and one scratch column for padding rows.
+    engine = Engine(tiny, slots=2, context=128)
+    assert engine.runtime.columns == 192 and engine.scratch == 128
 
 
 def test_capacity_is_checked(tiny):

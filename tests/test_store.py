@@ -18,7 +18,7 @@ import torch
 
 from nano.cli import main
 from nano.samples import BLOCK, Blend, Permutation, ShortDataError, apportion, open_blend, parse_blend
-from nano.store import StoreError, StoreWriter, TokenStore, token_dtype, write_index
+from nano.store import StoreError, StoreWriter, TokenStore, token_dtype
 from nano.tokenize import tokenize
 
 DOCUMENTS = [[5, 6, 7], [1], [65000, 2, 3, 4, 9], [8, 8]]
