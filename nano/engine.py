@@ -9,8 +9,9 @@ layer, for up to `context` tokens. Each `step()`:
 2. runs one prefill call: the prompts of up to `prefill_rows` requests admitted afresh, each short
    enough for one call, as one batch of at most `prefill_chunk` tokens, each into its own slot;
    or else one chunk of the first admitted request's prompt (a long one, or one that goes on from
-   a stored prefix). After its prompt's last token a request samples its first token and starts
-   decoding;
+   a stored prefix). While other slots decode, a batch with room for more prompts waits one step
+   for company, so that prompts arriving together share one call. After its prompt's last token a
+   request samples its first token and starts decoding;
 3. launches one decode step for every decoding slot: the first B slots, B the smallest bucket that
    holds them all, with the budget controller and the sampler of each slot inside the same step.
    On a GPU each bucket's step is captured once in a CUDA graph and replayed;
@@ -73,6 +74,7 @@ class Request:
     kinds: list[int] = field(default_factory=list, repr=False)
     state: str = "waiting"  # waiting, prefilling, decoding, finished, cancelled
     slot: int | None = None
+    admitted_at: int = -1  # the engine step that gave it its slot
     prefilled: int = 0  # prompt tokens in the slot's caches so far
     stops: tuple[int, ...] = ()  # prompt lengths at the ends of its chat turns: where the prefix cache looks
     reused: int = 0  # prompt tokens taken from the prefix cache
@@ -258,6 +260,7 @@ class Engine:
             request = self.waiting.popleft()
             slot = self.in_slot.index(None)
             self.in_slot[slot], request.slot, request.state = request, slot, "prefilling"
+            request.admitted_at = self.counts["steps"]
             caches = self.runtime.slot(slot).caches
             for cache in caches:
                 if isinstance(cache, MambaCache):
@@ -276,9 +279,9 @@ class Engine:
         prompt is done starts decoding; its first token is read back with the next call's tokens."""
         if not self.prefilling:
             return None
-        self.counts["prefill_calls"] += 1
         head = self.prefilling[0]
         if not self._whole(head):
+            self.counts["prefill_calls"] += 1
             return self._prefill_chunk(head)
         batch, width = [head], batch_width(len(head.prompt_ids))
         for request in itertools.islice(self.prefilling, 1, None):
@@ -288,6 +291,12 @@ class Engine:
             if self._whole(request) and (len(batch) + 1) * wider <= self.prefill_chunk:
                 batch.append(request)
                 width = wider
+        if len(batch) < self.prefill_rows and head.admitted_at == self.counts["steps"] and self._decoding():
+            # While others decode, a prefill with room to spare waits one step for company: clients whose
+            # answers ended together send their next prompts within a step, and one call for them all
+            # stalls the decoding streams once, not once per prompt.
+            return None
+        self.counts["prefill_calls"] += 1
         if len(batch) == 1:  # alone it goes straight into its slot
             return self._prefill_chunk(head)
         for request in batch:
@@ -295,6 +304,9 @@ class Engine:
         self.counts["prompts_together"] += len(batch)
         logits = self.runtime.prefill_slots([r.prompt_ids for r in batch], [r.slot for r in batch])
         return batch, Readback(torch.stack([self._start(r, logits[i : i + 1]) for i, r in enumerate(batch)]))
+
+    def _decoding(self) -> bool:
+        return any(r is not None and r.state == "decoding" for r in self.in_slot)
 
     def _whole(self, request: Request) -> bool:
         """Whether `request`'s prompt goes in one call from the start (no prefix taken, no stop to store)."""

@@ -57,6 +57,40 @@ def test_prompts_admitted_together_are_prefilled_as_one_batch_and_equal_each_alo
     assert [r.result for r in requests] == alone
 
 
+def test_while_others_decode_a_prefill_with_room_waits_one_step_for_company(fast, alone, monkeypatch):
+    def engine_logging_batches(prefill_rows):
+        engine = Engine(fast, slots=4, context=256, prefill_rows=prefill_rows)
+        batches, prefill_slots = [], engine.runtime.prefill_slots
+        monkeypatch.setattr(engine.runtime, "prefill_slots",
+                            lambda prompts, slots: batches.append(list(slots)) or prefill_slots(prompts, slots))
+        first = engine.submit(PROMPTS[0], budget=BUDGETS[0], max_new_tokens=24)
+        engine.step()  # nothing decodes yet: no wait
+        assert first.state == "decoding"
+        return engine, batches, first
+
+    engine, batches, first = engine_logging_batches(prefill_rows=3)
+    one = engine.submit(PROMPTS[3], budget=BUDGETS[3], max_new_tokens=24)
+    engine.step()  # admitted, and the decode goes on without it
+    assert one.state == "prefilling" and one.prefilled == 0 and engine.counts["prefill_calls"] == 1
+    two = engine.submit(PROMPTS[4], budget=BUDGETS[4], max_new_tokens=24)
+    engine.step()  # its step of waiting is over, and the prompt admitted meanwhile goes with it
+    assert batches == [[one.slot, two.slot]] and one.state == two.state == "decoding"
+    late = engine.submit(PROMPTS[1], budget=BUDGETS[1], max_new_tokens=24)
+    engine.step()
+    assert late.state == "prefilling"
+    engine.step()  # no company came: it goes alone
+    assert late.state == "decoding" and len(batches) == 1
+    engine.run()
+    assert [first.result, one.result, two.result, late.result] == [alone[0], alone[3], alone[4], alone[1]]
+
+    engine, batches, first = engine_logging_batches(prefill_rows=2)
+    pair = [engine.submit(PROMPTS[i], budget=BUDGETS[i], max_new_tokens=24) for i in (3, 4)]
+    engine.step()  # a full batch does not wait
+    assert batches == [[r.slot for r in pair]] and all(r.state == "decoding" for r in pair)
+    engine.run()
+    assert [r.result for r in pair] == [alone[3], alone[4]]
+
+
 def test_a_batch_of_prompts_keeps_within_one_prefill_chunk_with_its_padding(fast):
     lengths = [len(fast.chat.encode(fast.chat.render(p)[0])) for p in PROMPTS[:3]]
     chunk = batch_width(max(lengths)) * 2  # room for two of the longest with their padding, not three
