@@ -139,7 +139,8 @@ class Engine:
         self._pending: tuple[Readback, list[tuple[int, Request]]] | None = None  # the decode step not yet read
         self._first: tuple[list[Request], Readback] | None = None  # first tokens of prefills ended, not yet read
         self._ids = itertools.count()
-        self.counts = dict(steps=0, decode_steps=0, prefill_calls=0, prompts_together=0)  # what the steps did
+        # What the steps did; padding_rows: rows of decode steps that were not decoding (the buckets' cost).
+        self.counts = dict(steps=0, decode_steps=0, padding_rows=0, prefill_calls=0, prompts_together=0)
         self.name = f"engine of {slots} slots x {self.context} tokens, {self.runtime.name}"
 
     # Requests.
@@ -221,6 +222,7 @@ class Engine:
         if decoding:
             self.counts["decode_steps"] += 1
             rows = next(b for b in self.buckets if b > max(decoding))
+            self.counts["padding_rows"] += rows - len(decoding)
             greedy = all(self.in_slot[s].temperature == 0 for s in decoding)
             token, kind, done, hit = self._step(rows, greedy)(self.tokens[:rows])
             launched = (Readback(torch.stack([token, kind, done.long(), hit.long()])),

@@ -82,6 +82,8 @@ def test_while_others_decode_a_prefill_with_room_waits_one_step_for_company(fast
     assert late.state == "decoding" and len(batches) == 1
     engine.run()
     assert [first.result, one.result, two.result, late.result] == [alone[0], alone[3], alone[4], alone[1]]
+    assert engine.counts["prefill_calls"] == 3 and engine.counts["prompts_together"] == 2
+    assert engine.counts["steps"] > engine.counts["decode_steps"] > 0
 
     engine, batches, first = engine_logging_batches(prefill_rows=2)
     pair = [engine.submit(PROMPTS[i], budget=BUDGETS[i], max_new_tokens=24) for i in (3, 4)]
@@ -107,10 +109,13 @@ def test_a_request_joining_a_running_batch_equals_it_alone(fast, alone):
     first = engine.submit(PROMPTS[0], budget=BUDGETS[0], max_new_tokens=24)
     while len(first.tokens) < 4:
         engine.step()
-    assert first.state == "decoding"
+    assert first.state == "decoding" and engine.counts["padding_rows"] == 0  # slot 0 alone: bucket 1
     late = engine.submit(PROMPTS[2], budget=BUDGETS[2], max_new_tokens=24)
     engine.run()
     assert first.result == alone[0] and late.result == alone[2]
+    # Late joined when first had 4 of its 24 tokens, so it decoded on alone in slot 1, in bucket 2:
+    # slot 0, free by then, was those steps' padding row.
+    assert engine.counts["padding_rows"] > 0
 
 
 def test_a_cancelled_request_frees_its_slot_at_once_and_the_others_go_on(fast, alone):
