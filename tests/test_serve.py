@@ -92,6 +92,7 @@ def test_invalid_requests_get_a_4xx_naming_the_field(server):
         (dict(messages=[{"role": "user", "content": "hi"}], extra_body={"thinking_budget": -1}), "thinking_budget"),
         (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0]"),
         (dict(messages=[{"role": "user", "content": "hi"}], max_tokens=0), "max_tokens"),
+        (dict(messages=[{"role": "user", "content": "x " * 4500}]), "messages"),  # past the context of 8192
     ]
     for kwargs, field in cases:
         with pytest.raises(openai.BadRequestError) as caught:

@@ -23,7 +23,7 @@ from typing import Any
 
 import nano
 from nano.engine import Engine, Request
-from nano.generation import _RowText
+from nano.generation import _RowText, prepare_prompt
 from nano.hardware import PREFILL_ROWS
 
 DONE = object()  # the end of a request's events
@@ -198,6 +198,9 @@ class StaticBatcher:
         threading.Thread(target=self._work, daemon=True, name="nano-batcher").start()
 
     def submit(self, ticket: Ticket) -> Ticket:
+        """Queue the ticket; a prompt that cannot run (ValueError, naming it) is refused here, alone,
+        rather than failing the batch it would have joined."""
+        prepare_prompt(self.model, ticket.prompt, ticket.budget, True, ticket.max_tokens)
         self.waiting_tickets.put(ticket)
         return ticket
 

@@ -197,7 +197,8 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
         except Busy as e:
             return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": str(e.retry_after)})
         except ValueError as e:  # the fields are checked above: what is left is the prompt (too long, say)
-            return error(400, str(e), "messages" if chat else "prompt")
+            field = "messages" if chat else "prompt"
+            return error(400, f"{field}: {e}", field)
         name = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.get("stream"):
             return StreamingResponse(_stream(request, ticket, name, chat), media_type="text/event-stream")
