@@ -83,7 +83,7 @@ def prefill_chunk(rows: int, chunk: int = PREFILL_CHUNK) -> int:
 
 # The KV caches' width is a multiple of this many columns: with a width of 1025 (the engine's context
 # and its scratch column) cuBLAS ran the decode attention's matmuls on unaligned fallbacks, 1.7 ms of
-# a 13.4 ms step at 64 slots on an H200 (bench/results/profile-engine-step-nano-9b-v2-64.json).
+# a 13.4 ms step at 64 slots on an H200 (bench/results/profile-engine-step-nano-9b-v2-64-h200-unaligned.json).
 CACHE_ALIGN = 64
 
 
