@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from nano.decilm_config import GATED, GQA, LINEAR, NONE, DeciConfig
+from nano.hardware import round_up
 from nano.memory import decilm_check_tp
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -38,7 +39,7 @@ Reader = Callable[[str, int | None, int, int], torch.Tensor]
 
 
 def padded_vocab(vocab: int, tp: int) -> int:
-    return -(-vocab // tp) * tp
+    return round_up(vocab, tp)
 
 
 def trtllm_config(config: DeciConfig, raw: dict, dtype: str, tp: int) -> dict:

@@ -11,13 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .hardware import round_up
+
 GQA, LINEAR, NONE, GATED = "gqa", "linear", "none", "gated"
 
 
 def ffn_width(ffn_mult: float, hidden: int) -> int:
     """The gated FFN's intermediate width for `ffn_mult`: int(2 * mult * hidden / 3) up to a multiple of 256."""
     width = int(2 * ffn_mult * hidden / 3)
-    return -(-width // 256) * 256
+    return round_up(width, 256)
 
 
 @dataclass(frozen=True)

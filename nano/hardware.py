@@ -87,7 +87,12 @@ def prefill_chunk(rows: int, chunk: int = PREFILL_CHUNK) -> int:
 CACHE_ALIGN = 64
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`."""
+    return -(-n // multiple) * multiple
+
+
 def cache_columns(capacity: int) -> int:
     """The width of KV caches for sequences of up to `capacity` tokens: capacity rounded up to a
     multiple of CACHE_ALIGN. The columns past the capacity are never attended to."""
-    return -(-capacity // CACHE_ALIGN) * CACHE_ALIGN
+    return round_up(capacity, CACHE_ALIGN)

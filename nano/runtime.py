@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .compiled import compiled
 from .decoder import Decoder
-from .hardware import cache_columns, prefill_chunk
+from .hardware import cache_columns, prefill_chunk, round_up
 from .kernels import Kernels, select_kernels
 from .layers import (KVCache, MambaCache, MambaDims, attention_out, conv_window, mamba_in_proj, mamba_out, mlp_down,
                      mlp_up, qkv, relu2, split_xbc)
@@ -79,12 +79,16 @@ class HybridRuntime(Decoder):
         self.layers = model.model.layers
         self.ssm_dtype = ssm_dtype
         self.caches = self._empty_caches(rows, capacity)
-        self.columns = cache_columns(capacity)  # the caches' width: what a decode step's mask covers
         self.position = torch.zeros((), dtype=torch.long, device=self.device)  # where the next token goes
         self.start = torch.zeros(rows, dtype=torch.long, device=self.device)  # each row's first real token
         self.padded = False
         self.name = describe(self.kernels, self.graphs)
         self._tap = None  # set by `run_layers`: sees the activations of the layer being run
+
+    @property
+    def columns(self) -> int:
+        """The KV caches' width: what a decode step's mask covers."""
+        return cache_columns(self.capacity)
 
     def _empty_caches(self, rows: int, capacity: int) -> list[MambaCache | KVCache | None]:
         """Zeroed caches for `rows` sequences of up to `capacity` tokens, one per layer (None for MLPs);
@@ -273,7 +277,7 @@ class HybridRuntime(Decoder):
     def _view(self, caches: list, rows: int, capacity: int) -> HybridRuntime:
         """This runtime (the same weights and kernels) over other caches, of `rows` rows."""
         view = copy.copy(self)
-        view.caches, view.rows, view.capacity, view.columns = caches, rows, capacity, cache_columns(capacity)
+        view.caches, view.rows, view.capacity = caches, rows, capacity
         view.position = torch.zeros((), dtype=torch.long, device=self.device)
         view.start = torch.zeros(view.rows, dtype=torch.long, device=self.device)
         view.padded = False
@@ -395,7 +399,7 @@ BATCH_ALIGN = 16
 def batch_width(longest: int) -> int:
     """The width of a batch of prompts prefilled together (`HybridRuntime.prefill_slots`): the longest
     rounded up to a multiple of BATCH_ALIGN."""
-    return -(-longest // BATCH_ALIGN) * BATCH_ALIGN
+    return round_up(longest, BATCH_ALIGN)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
