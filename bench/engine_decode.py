@@ -90,13 +90,13 @@ def main() -> None:
             row.update(engine_of_roofline=round(through_engine / roofline, 3),
                        generate_of_roofline=round(alone / roofline, 3))
         rows.append(row)
-        print(row, flush=True)
-    write(f"engine-decode-{args.shape}", rows, ["batch", "engine_tokens_per_s", "step_replayed_tokens_per_s",
-                                                 "generate_tokens_per_s",
-                                                 "engine_vs_generate", "engine_of_roofline", "generate_of_roofline"],
-          "cuda", shape=args.shape, weight_gib=round(weight_bytes / 2**30, 2),
-          copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), roofline_tokens_per_s=round(roofline, 1),
-          runtime=model.runtime_name(), torch=torch.__version__, transformers=transformers.__version__)
+        # Written after every batch size, so a run stopped by its time limit keeps what it measured.
+        write(f"engine-decode-{args.shape}", rows, ["batch", "engine_tokens_per_s", "step_replayed_tokens_per_s",
+                                                     "generate_tokens_per_s", "engine_vs_generate",
+                                                     "engine_of_roofline", "generate_of_roofline"],
+              "cuda", shape=args.shape, batches_asked=args.batches, weight_gib=round(weight_bytes / 2**30, 2),
+              copy_bandwidth_tb_s=round(bandwidth / 1e12, 3), roofline_tokens_per_s=round(roofline, 1),
+              runtime=model.runtime_name(), torch=torch.__version__, transformers=transformers.__version__)
 
 
 if __name__ == "__main__":

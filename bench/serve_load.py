@@ -200,6 +200,23 @@ def summarise(records: list[dict], wall: float, jobs: list[dict], expected: dict
     )
 
 
+def _measure(app, url: str, jobs: list[dict], expected: dict, batching: str, clients: int, seconds: float,
+             round_: int, warm_up_s: float) -> dict:
+    """One load on one server: the clients' summary, with the engine's and prefix cache's counts over it."""
+    before = app.state.batcher.stats()
+    records, wall = load(url, jobs, clients, seconds)
+    after = app.state.batcher.stats()
+    row = dict(batching=batching, clients=clients, round=round_, **summarise(records, wall, jobs, expected),
+               largest_batch=after["largest_batch"], warm_up_s=round(warm_up_s, 1))
+    if batching == "continuous":
+        row.update({k: v - before["engine"][k] for k, v in after["engine"].items()})
+        hits = after["prefix_cache"]["hits"] - before["prefix_cache"]["hits"]
+        lookups = after["prefix_cache"]["lookups"] - before["prefix_cache"]["lookups"]
+        row.update(prefix_hit_rate=round(hits / lookups, 3) if lookups else 0.0,
+                   prefix_tokens_reused=after["prefix_cache"]["tokens_reused"] - before["prefix_cache"]["tokens_reused"])
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="nano-tiny", help="a checkpoint (ignored with --shape)")
@@ -208,6 +225,8 @@ def main() -> None:
     parser.add_argument("--batching", nargs="+", choices=("continuous", "static"), default=["static", "continuous"])
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="loads per batching at each client count, alternating which batching goes first")
     parser.add_argument("--max-batch", type=int, help="slots or batch rows (default: the most clients)")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--budget", type=int, help="thinking budget of every request (default: none)")
@@ -245,33 +264,28 @@ def main() -> None:
     longest = max(len(model.chat.encode(model.chat.render(j["messages"])[0])) for j in jobs)
     context = longest + args.max_tokens + 8
     slots = args.max_batch or max(args.clients)
-    rows, extra = [], {}
-    for batching in args.batching:
+    servers = {}
+    for batching in args.batching:  # every server up and warmed before any load, so loads can alternate
         app = create_app(model, "model", max_batch=slots, default_max_tokens=args.max_tokens, batching=batching,
                          context=context, prefix_cache=args.prefix_cache_mib * 2**20)
         server, url = _serve(app)
         warm = [dict(j, max_tokens=8, index=i) for i, j in enumerate((jobs * slots)[:slots])]
         began = time.perf_counter()
         load(url, warm, slots, 0.0)  # every client sends one request: all batch sizes up to `slots` are met
-        warm_up_s = time.perf_counter() - began
-        for clients in args.clients:
-            before = app.state.batcher.stats()
-            records, wall = load(url, jobs, clients, args.seconds)
-            after = app.state.batcher.stats()
-            row = dict(batching=batching, clients=clients, **summarise(records, wall, jobs, expected),
-                       largest_batch=after["largest_batch"], warm_up_s=round(warm_up_s, 1))
-            if batching == "continuous":
-                row.update({k: v - before["engine"][k] for k, v in after["engine"].items()})
-                hits = after["prefix_cache"]["hits"] - before["prefix_cache"]["hits"]
-                lookups = after["prefix_cache"]["lookups"] - before["prefix_cache"]["lookups"]
-                row.update(prefix_hit_rate=round(hits / lookups, 3) if lookups else 0.0,
-                           prefix_tokens_reused=after["prefix_cache"]["tokens_reused"]
-                           - before["prefix_cache"]["tokens_reused"])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        servers[batching] = app, server, url, time.perf_counter() - began
+    rows = []
+    for clients in args.clients:
+        for round_ in range(args.rounds):
+            order = args.batching if round_ % 2 == 0 else args.batching[::-1]  # ABBA: neither always goes first
+            for batching in order:
+                app, _, url, warm_up_s = servers[batching]
+                rows.append(_measure(app, url, jobs, expected, batching, clients, args.seconds, round_, warm_up_s))
+                print(json.dumps(rows[-1]), flush=True)
+    extra = {}
+    for batching, (app, server, _, _) in servers.items():
         server.should_exit = True
         extra[f"{batching}_server"] = app.state.batcher.stats()
-    columns = ["batching", "clients", "requests", "errors", "refused_429", "mixed_up", "mismatched", "tokens_per_s",
+    columns = ["batching", "clients", "round", "requests", "errors", "refused_429", "mixed_up", "mismatched", "tokens_per_s",
                "first_token_p50_s", "first_token_p95_s", "latency_p50_s", "latency_p95_s", "latency_p99_s",
                "largest_batch", "prefix_hit_rate"]
     device = str(model.device)
@@ -279,7 +293,7 @@ def main() -> None:
     write(f"serve-load-{name}{suffix}-{'cuda' if model.device.type == 'cuda' else 'cpu'}{args.tag}", rows, columns,
           device, model=name, runtime=model.runtime_name(), dtype=str(model.dtype), slots_or_rows=slots,
           context=context, workload=args.workload, max_tokens=args.max_tokens, budget=args.budget,
-          seconds_per_load=args.seconds, mixed_up_check="answers alone" if trained else "token counts",
+          seconds_per_load=args.seconds, rounds=args.rounds, mixed_up_check="answers alone" if trained else "token counts",
           switch_interval_s=sys.getswitchinterval(), **extra)
 
 
