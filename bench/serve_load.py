@@ -1,10 +1,12 @@
 """Load test of `nanokit serve`: continuous against static batching, in one run, at several loads.
 
 For each batching (`--batching`, both by default) one server is started in this process (uvicorn
-on loopback) with `--max-batch` slots (or batch rows), warmed up (every batch size it will meet is
-compiled and captured before the clock starts), then loaded by each of `--clients` concurrent
-streaming clients in turn for `--seconds`: each client sends a request, reads its stream to the
-end, and sends the next. The clients run in a child process (threads, http.client), so they do not
+on loopback) with `--max-batch` slots (or batch rows) and warmed up: the engine captures every
+decode step it can meet when it starts, and each load's number of clients sends one short request
+each (static batching meets a batch of that size). Then, at each of `--clients` in turn, each
+server is loaded for `--seconds` by that many concurrent streaming clients (`--rounds` times,
+alternating which batching goes first): each client sends a request, reads its stream to the end,
+and sends the next. The clients run in a child process (threads, http.client), so they do not
 take the server's interpreter lock.
 
 Workloads (`--workload`):
@@ -271,7 +273,8 @@ def main() -> None:
         server, url = _serve(app)
         warm = [dict(j, max_tokens=8, index=i) for i, j in enumerate((jobs * slots)[:slots])]
         began = time.perf_counter()
-        load(url, warm, slots, 0.0)  # every client sends one request: all batch sizes up to `slots` are met
+        for clients in sorted({*args.clients, slots}):  # each client sends one request: static meets its batch sizes
+            load(url, warm[:clients], clients, 0.0)
         servers[batching] = app, server, url, time.perf_counter() - began
     rows = []
     for clients in args.clients:

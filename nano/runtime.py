@@ -423,6 +423,14 @@ class _GraphedStep:
         self.step, self.device, self.generator, self.eager_calls = step, device, generator, eager_calls
         self.graph = None
 
+    def prepare(self, tokens) -> bool:
+        """Make the eager calls and the capture now, each a real step on `tokens`; whether there was
+        anything left to do."""
+        fresh = self.graph is None
+        while self.graph is None:
+            self(tokens)
+        return fresh
+
     @torch.no_grad()
     def __call__(self, tokens):
         if self.graph is None:

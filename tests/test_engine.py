@@ -135,6 +135,19 @@ def test_a_cancelled_request_frees_its_slot_at_once_and_the_others_go_on(fast, a
     assert keep.state == "finished"
 
 
+def test_warm_up_wants_an_idle_engine_and_has_nothing_to_capture_without_graphs(fast):
+    engine = Engine(fast, slots=2, context=256, prefill_chunk=8)
+    assert engine.warm_up() == 0  # the CPU runs its steps eagerly: no graphs to capture
+    engine.submit(PROMPTS[3], max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="idle engine; 0 requests are in slots and 1 waiting"):
+        engine.warm_up()
+    engine.step()
+    with pytest.raises(RuntimeError, match="1 requests are in slots"):
+        engine.warm_up()
+    engine.run()
+    assert engine.warm_up() == 0
+
+
 def test_padding_rows_leave_every_other_slots_state_alone(fast):
     """A decode step over slots some of which are not live: those keep their Mamba state and
     their keys and values but for the scratch column, whatever the step computes for them."""

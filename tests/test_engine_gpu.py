@@ -76,3 +76,16 @@ def test_a_shared_system_prompt_through_the_prefix_cache_on_the_gpu(model):
     engine.run()
     assert [r.result for r in (first, *rest)] == alone
     assert all(r.reused > 0 for r in rest) and engine.prefix.stats()["hits"] == len(rest)
+
+
+def test_a_warmed_up_engine_captures_nothing_while_serving_and_still_equals_each_alone(model):
+    alone = [nano.generate(model, p, budget=b, max_new_tokens=200) for p, b in zip(PROBLEMS, BUDGETS)]
+    engine = Engine(model, slots=4, context=1024, prefill_chunk=16)
+    assert engine.warm_up() == 2 * len(engine.buckets) == 6  # buckets 1, 2, 4; greedy and sampling
+    steps = dict(engine._steps)
+    assert all(step.graph is not None for step in steps.values())
+    assert engine.warm_up() == 0  # nothing left to capture
+    requests = [engine.submit(p, budget=b, max_new_tokens=200) for p, b in zip(PROBLEMS, BUDGETS)]
+    engine.run()
+    assert [r.result for r in requests] == alone
+    assert engine._steps == steps  # every step the requests ran was one captured before them

@@ -94,9 +94,11 @@ class ContinuousBatcher:
     kind = "continuous"
 
     def __init__(self, model, slots: int = 8, context: int | None = None, max_waiting: int | None = None,
-                 prefix_cache: int = 0, prefill_chunk: int | None = None, prefill_rows: int = PREFILL_ROWS):
+                 prefix_cache: int = 0, prefill_chunk: int | None = None, prefill_rows: int = PREFILL_ROWS,
+                 progress: bool = False):
         self.engine = Engine(model, slots=slots, context=context, prefix_cache=prefix_cache,
                              prefill_chunk=prefill_chunk, prefill_rows=prefill_rows)
+        self.engine.warm_up(progress)  # every decode step captured before the first request, not during one
         self.max_waiting = 4 * slots if max_waiting is None else max_waiting
         self.inbox: queue.SimpleQueue[Ticket] = queue.SimpleQueue()
         self.live: dict[int, tuple[Ticket, _RowText]] = {}  # by request id

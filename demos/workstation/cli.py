@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 MIB = 2**20
 
@@ -68,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         slots, why = args.max_batch, f"{args.max_batch} slots (--max-batch)"
     app = create_app(model, name, max_batch=slots, default_max_tokens=args.max_tokens, batching=args.batching,
-                     context=context, max_waiting=args.max_waiting, prefix_cache=prefix_cache, prefill_rows=rows)
+                     context=context, max_waiting=args.max_waiting, prefix_cache=prefix_cache, prefill_rows=rows,
+                     progress=sys.stderr.isatty())
     print(f"serving {name} ({model.runtime_name()}) on http://{args.host}:{args.port}/v1: {args.batching} batching, "
           f"{why}, {context} tokens each")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -132,13 +132,14 @@ def _usage(result) -> dict:
 
 def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: int = 1024,
                batching: str = "continuous", context: int | None = None, max_waiting: int | None = None,
-               prefix_cache: int = 0, prefill_rows: int = PREFILL_ROWS):
+               prefix_cache: int = 0, prefill_rows: int = PREFILL_ROWS, progress: bool = False):
     """The FastAPI application serving `model` (a `nano.Model`) as `model_name`.
 
     `batching` "continuous" runs an engine of `max_batch` slots of `context` tokens (the model's
     context by default) with `prefix_cache` bytes of prefix snapshots, prefilling up to
     `prefill_rows` prompts together, refusing requests past `max_waiting` queued (4 per slot by
-    default); "static" runs batches of up to `max_batch`.
+    default); "static" runs batches of up to `max_batch`. The engine captures its decode steps before
+    this returns (on a GPU; `progress` shows a bar).
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -146,7 +147,7 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
 
     if batching == "continuous":
         batcher = ContinuousBatcher(model, slots=max_batch, context=context, max_waiting=max_waiting,
-                                    prefix_cache=prefix_cache, prefill_rows=prefill_rows)
+                                    prefix_cache=prefix_cache, prefill_rows=prefill_rows, progress=progress)
     elif batching == "static":
         batcher = StaticBatcher(model, max_batch)
     else:
