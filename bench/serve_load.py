@@ -211,7 +211,8 @@ def _measure(app, url: str, jobs: list[dict], expected: dict, batching: str, cli
     row = dict(batching=batching, clients=clients, round=round_, **summarise(records, wall, jobs, expected),
                largest_batch=after["largest_batch"], warm_up_s=round(warm_up_s, 1))
     if batching == "continuous":
-        row.update({k: v - before["engine"][k] for k, v in after["engine"].items()})
+        row.update({k: round(v - before["engine"][k], 3) for k, v in after["engine"].items()},
+                   outside_step_s=round(after["outside_step_s"] - before["outside_step_s"], 3))
         hits = after["prefix_cache"]["hits"] - before["prefix_cache"]["hits"]
         lookups = after["prefix_cache"]["lookups"] - before["prefix_cache"]["lookups"]
         row.update(prefix_hit_rate=round(hits / lookups, 3) if lookups else 0.0,

@@ -40,6 +40,7 @@ run alone through `nano.generate` (tests/test_engine.py).
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -139,8 +140,11 @@ class Engine:
         self._pending: tuple[Readback, list[tuple[int, Request]]] | None = None  # the decode step not yet read
         self._first: tuple[list[Request], Readback] | None = None  # first tokens of prefills ended, not yet read
         self._ids = itertools.count()
-        # What the steps did; padding_rows: rows of decode steps that were not decoding (the buckets' cost).
-        self.counts = dict(steps=0, decode_steps=0, padding_rows=0, prefill_calls=0, prompts_together=0)
+        # What the steps did; padding_rows: rows of decode steps that were not decoding (the buckets' cost);
+        # step_s: seconds in step(), and device_wait_s of them waiting for the device's results (near 0:
+        # the device waits for the host, not the other way round).
+        self.counts = dict(steps=0, decode_steps=0, padding_rows=0, prefill_calls=0, prompts_together=0,
+                           step_s=0.0, device_wait_s=0.0)
         self.name = f"engine of {slots} slots x {self.context} tokens, {self.runtime.name}"
 
     # Requests.
@@ -232,6 +236,7 @@ class Engine:
         Reading a step one call late lets the device run it while the host reads and hands out the
         one before: the step's input tokens stay on the device, and a request the host does not yet
         know has finished runs one step more as a padding row of its own slot."""
+        began = time.perf_counter()
         self._admit()
         first = self._prefill()
         decoding = [s for s, r in enumerate(self.in_slot) if r is not None and r.state == "decoding"]
@@ -248,18 +253,25 @@ class Engine:
         out = []
         if self._first is not None:
             started, readback = self._first
-            out = [self._take(r, *values) for r, values in zip(started, readback.values()) if self._holds(r)]
+            out = [self._take(r, *values) for r, values in zip(started, self._read(readback)) if self._holds(r)]
         if self._pending is not None:
             out += self._collect(*self._pending)
         self._first, self._pending = first, launched
+        self.counts["step_s"] += time.perf_counter() - began
         return out
+
+    def _read(self, readback: Readback) -> list:
+        began = time.perf_counter()
+        values = readback.values()
+        self.counts["device_wait_s"] += time.perf_counter() - began
+        return values
 
     def _holds(self, request: Request) -> bool:
         """Whether `request` is still decoding in its slot (not cancelled, not ended meanwhile)."""
         return request.state == "decoding" and self.in_slot[request.slot] is request
 
     def _collect(self, readback: Readback, rows: list[tuple[int, Request]]) -> list[Token]:
-        token, kind, done, hit = readback.values()
+        token, kind, done, hit = self._read(readback)
         return [self._take(request, token[s], kind[s], done[s], hit[s]) for s, request in rows if self._holds(request)]
 
     def run(self) -> None:

@@ -43,6 +43,7 @@ def test_requests_through_the_engine_equal_each_alone(fast, alone):
     engine.run()
     assert [r.result for r in requests] == alone
     assert all(r.state == "finished" and r.slot is None for r in requests) and engine.active() == 0
+    assert engine.counts["step_s"] > engine.counts["device_wait_s"] >= 0
 
 
 def test_prompts_admitted_together_are_prefilled_as_one_batch_and_equal_each_alone(fast, alone, monkeypatch):

@@ -118,6 +118,9 @@ def test_concurrent_requests_are_batched_and_not_mixed_up(server):
     assert stats["largest_batch"] > 1
     if stats["batching"] == "static":
         assert stats["batches"] - before < len(answers)
+    else:  # where the worker's time went: the engine's steps (their waits for the device among them), the rest
+        assert stats["engine"]["step_s"] >= stats["engine"]["device_wait_s"] >= 0
+        assert stats["engine"]["step_s"] > 0 and stats["outside_step_s"] > 0
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_worker(server):

@@ -103,6 +103,7 @@ class ContinuousBatcher:
         self.inbox: queue.SimpleQueue[Ticket] = queue.SimpleQueue()
         self.live: dict[int, tuple[Ticket, _RowText]] = {}  # by request id
         self.finished = self.refused = self.failed_steps = 0
+        self.outside_step_s = 0.0  # the worker's seconds at work outside engine.step(): admitting, handing out text
         self.seconds_per_request = 1.0  # a running mean, for the retry hint
         self.largest = 0  # the most requests decoding together
         threading.Thread(target=self._work, daemon=True, name="nano-engine").start()
@@ -130,14 +131,17 @@ class ContinuousBatcher:
         return dict(batching=self.kind, slots=self.engine.slots, context=self.engine.context,
                     active=self.engine.active(), waiting=self.waiting, finished=self.finished,
                     refused=self.refused, largest_batch=self.largest, prefix_cache=self.engine.prefix.stats(),
-                    engine=dict(self.engine.counts))
+                    outside_step_s=round(self.outside_step_s, 3),
+                    engine={k: round(v, 3) if isinstance(v, float) else v for k, v in self.engine.counts.items()})
 
     def _work(self) -> None:
         engine, outbox = self.engine, _Outbox()
         while True:
+            began = time.perf_counter()
             outbox.send()
             if not engine.busy:
                 self._take(self.inbox.get())  # idle: sleep until a request comes
+                began = time.perf_counter()
             while True:
                 try:
                     self._take(self.inbox.get_nowait())
@@ -147,6 +151,7 @@ class ContinuousBatcher:
                 if ticket.gone.is_set():  # the client left: its slot is free for the next admission now
                     engine.cancel(ticket.request)
                     del self.live[number]
+            self.outside_step_s += time.perf_counter() - began
             try:
                 tokens = engine.step()
             except Exception as e:  # a failed step fails the requests in it, not the server
@@ -157,6 +162,7 @@ class ContinuousBatcher:
                     outbox.put(ticket, DONE)
                 self.live.clear()
                 continue
+            began = time.perf_counter()
             self.largest = max(self.largest, sum(r is not None and r.state == "decoding" for r in engine.in_slot))
             for token in tokens:
                 request = token.request
@@ -168,6 +174,7 @@ class ContinuousBatcher:
                     outbox.put(ticket, event)
                 if request.finished:
                     self._finish(ticket, text, outbox)
+            self.outside_step_s += time.perf_counter() - began
 
     def _take(self, ticket: Ticket) -> None:
         if ticket.gone.is_set():
