@@ -88,26 +88,27 @@ def _one_request(host: str, port: int, job: dict) -> dict:
         connection.close()
     end = time.perf_counter()
     return dict(job=job["index"], status=status, error=error, retry_after=float(retry) if retry else None,
-                first=(first or end) - began, total=end - began, tokens=(usage or {}).get("completion_tokens", 0),
-                answer=answer)
+                began=began, first=(first or end) - began, total=end - began,
+                tokens=(usage or {}).get("completion_tokens", 0), answer=answer)
 
 
 def _client_process(url: str, jobs: list[dict], clients: int, seconds: float, out) -> None:
     host, port = url.removeprefix("http://").split(":")
     records, lock = [], threading.Lock()
-    stop_at = time.perf_counter() + seconds
+    began = time.perf_counter()
+    stop_at = began + seconds
 
     def client(index: int) -> None:
         turn = index
         while time.perf_counter() < stop_at or (seconds <= 0 and turn == index):  # at least once
             record = _one_request(host, int(port), jobs[turn % len(jobs)])
+            record["at"] = record.pop("began") - began  # since the load began
             if record["status"] == 429:  # refused: come back when the server says
                 time.sleep(record["retry_after"] or 1.0)
             turn += clients
             with lock:
                 records.append(record)
 
-    began = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
@@ -177,7 +178,25 @@ def jobs_for(args, model, trained: bool) -> tuple[list[dict], dict]:
     return jobs, expected
 
 
-def summarise(records: list[dict], wall: float, jobs: list[dict], expected: dict) -> dict:
+def tokens_while_sending(records: list[dict], seconds: float) -> float:
+    """Tokens streamed while the clients were still sending (the load's first `seconds`), each request's
+    tokens taken as spread evenly from its first to its last. The whole load's rate also counts the
+    drain after the clients stop, when fewer requests are left running: at a few clients that costs
+    continuous batching, whose clients' requests end at different times, more than static batching,
+    whose batch ends together."""
+    count = 0.0
+    for r in records:
+        if r["error"] is not None or not r["tokens"]:
+            continue
+        first, last = r["at"] + r["first"], r["at"] + r["total"]
+        if last <= first:
+            count += r["tokens"] * (first <= seconds)
+        else:
+            count += r["tokens"] * max(0.0, min(last, seconds) - first) / (last - first)
+    return count
+
+
+def summarise(records: list[dict], wall: float, jobs: list[dict], expected: dict, seconds: float) -> dict:
     done = [r for r in records if r["error"] is None]
     refused = sum(r["status"] == 429 for r in records)
     if expected:
@@ -194,6 +213,7 @@ def summarise(records: list[dict], wall: float, jobs: list[dict], expected: dict
         requests=len(records), errors=len(records) - len(done) - refused, refused_429=refused,
         mixed_up=len(mixed), mismatched=len(mismatched), seconds=round(wall, 1),
         tokens_per_s=round(sum(r["tokens"] for r in done) / wall, 1),
+        sending_tokens_per_s=round(tokens_while_sending(records, seconds) / seconds, 1) if seconds > 0 else None,
         first_token_p50_s=round(percentile([r["first"] for r in done], 0.5), 3),
         first_token_p95_s=round(percentile([r["first"] for r in done], 0.95), 3),
         latency_p50_s=round(percentile([r["total"] for r in done], 0.5), 3),
@@ -208,7 +228,7 @@ def _measure(app, url: str, jobs: list[dict], expected: dict, batching: str, cli
     before = app.state.batcher.stats()
     records, wall = load(url, jobs, clients, seconds)
     after = app.state.batcher.stats()
-    row = dict(batching=batching, clients=clients, round=round_, **summarise(records, wall, jobs, expected),
+    row = dict(batching=batching, clients=clients, round=round_, **summarise(records, wall, jobs, expected, seconds),
                largest_batch=after["largest_batch"], warm_up_s=round(warm_up_s, 1))
     if batching == "continuous":
         row.update({k: round(v - before["engine"][k], 3) for k, v in after["engine"].items()},
@@ -290,6 +310,7 @@ def main() -> None:
         server.should_exit = True
         extra[f"{batching}_server"] = app.state.batcher.stats()
     columns = ["batching", "clients", "round", "requests", "errors", "refused_429", "mixed_up", "mismatched", "tokens_per_s",
+               "sending_tokens_per_s",
                "first_token_p50_s", "first_token_p95_s", "latency_p50_s", "latency_p95_s", "latency_p99_s",
                "largest_batch", "prefix_hit_rate"]
     device = str(model.device)

@@ -1,0 +1,31 @@
+"""The load test's bookkeeping (`bench/serve_load.py`): the tokens counted while the clients were sending."""
+
+from __future__ import annotations
+
+import pytest
+
+serve_load = pytest.importorskip("bench.serve_load")
+
+
+def record(at, first, total, tokens, error=None):
+    return dict(at=at, first=first, total=total, tokens=tokens, error=error)
+
+
+def test_tokens_while_sending_counts_each_request_by_its_share_of_the_window():
+    records = [
+        record(0.0, 1.0, 5.0, 100),  # inside the first 10 s: all of it
+        record(8.0, 1.0, 5.0, 100),  # streams from 9 to 13 s: a quarter of it before 10 s
+        record(11.0, 0.5, 2.0, 100),  # sent after the clients stopped (cannot be): none
+        record(2.0, 0.5, 3.0, 100, error="HTTP 500"),  # failed: none
+        record(9.5, 0.2, 0.2, 1),  # one token, at 9.7 s
+        record(9.9, 0.2, 0.2, 1),  # one token, at 10.1 s
+    ]
+    assert serve_load.tokens_while_sending(records, 10.0) == pytest.approx(100 + 25 + 1)
+
+
+def test_a_load_reports_both_rates():
+    records = [record(0.0, 0.5, 4.5, 80), record(4.0, 0.5, 8.5, 80)]  # the second streams from 4.5 to 12.5 s
+    jobs = [dict(max_tokens=80)]
+    summary = serve_load.summarise([dict(r, job=0, status=200, answer="") for r in records], 8.5, jobs, {}, 6.0)
+    assert summary["tokens_per_s"] == pytest.approx(160 / 8.5, abs=0.1)
+    assert summary["sending_tokens_per_s"] == pytest.approx((80 + 80 * 1.5 / 8.0) / 6.0, abs=0.1)
