@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import random
 import socket
@@ -39,6 +40,7 @@ import string
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,17 +140,35 @@ def load(url: str, jobs: list[dict], clients: int, seconds: float) -> tuple[list
 
 # The server side.
 
-def _serve(app):
+def _serve(app, name: str):
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    threading.Thread(target=server.run, daemon=True, name=name).start()
     while not server.started:
         time.sleep(0.05)
     return server, f"http://127.0.0.1:{port}"
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """The CPU seconds each of this process's threads has used, by thread name (from Linux's /proc;
+    empty elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    used = {}
+    for thread in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        used[thread.name] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return used
+
+
+# The threads of a server: the batcher's worker, and the event loop that writes the streams.
+WORKER = {"continuous": "nano-engine", "static": "nano-batcher"}
 
 
 def jobs_for(args, model, trained: bool) -> tuple[list[dict], dict]:
@@ -225,11 +245,13 @@ def summarise(records: list[dict], wall: float, jobs: list[dict], expected: dict
 def _measure(app, url: str, jobs: list[dict], expected: dict, batching: str, clients: int, seconds: float,
              round_: int, warm_up_s: float) -> dict:
     """One load on one server: the clients' summary, with the engine's and prefix cache's counts over it."""
-    before = app.state.batcher.stats()
+    before, cpu = app.state.batcher.stats(), thread_cpu_seconds()
     records, wall = load(url, jobs, clients, seconds)
-    after = app.state.batcher.stats()
+    after, cpu_after = app.state.batcher.stats(), thread_cpu_seconds()
+    used = {k: round(v - cpu.get(k, 0.0), 2) for k, v in cpu_after.items()}
     row = dict(batching=batching, clients=clients, round=round_, **summarise(records, wall, jobs, expected, seconds),
-               largest_batch=after["largest_batch"], warm_up_s=round(warm_up_s, 1))
+               largest_batch=after["largest_batch"], warm_up_s=round(warm_up_s, 1),
+               worker_cpu_s=used.get(WORKER[batching]), server_cpu_s=used.get(f"server-{batching}"))
     if batching == "continuous":
         row.update({k: round(v - before["engine"][k], 3) for k, v in after["engine"].items()},
                    outside_step_s=round(after["outside_step_s"] - before["outside_step_s"], 3))
@@ -291,7 +313,7 @@ def main() -> None:
     for batching in args.batching:  # every server up and warmed before any load, so loads can alternate
         app = create_app(model, "model", max_batch=slots, default_max_tokens=args.max_tokens, batching=batching,
                          context=context, prefix_cache=args.prefix_cache_mib * 2**20)
-        server, url = _serve(app)
+        server, url = _serve(app, f"server-{batching}")
         warm = [dict(j, max_tokens=8, index=i) for i, j in enumerate((jobs * slots)[:slots])]
         began = time.perf_counter()
         for clients in sorted({*args.clients, slots}):  # each client sends one request: static meets its batch sizes

@@ -29,3 +29,28 @@ def test_a_load_reports_both_rates():
     summary = serve_load.summarise([dict(r, job=0, status=200, answer="") for r in records], 8.5, jobs, {}, 6.0)
     assert summary["tokens_per_s"] == pytest.approx(160 / 8.5, abs=0.1)
     assert summary["sending_tokens_per_s"] == pytest.approx((80 + 80 * 1.5 / 8.0) / 6.0, abs=0.1)
+
+
+def test_thread_cpu_seconds_counts_a_busy_thread_by_its_name():
+    import sys
+    import threading
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads Linux's /proc")
+    spun, release, used = threading.Event(), threading.Event(), []
+
+    def spin():  # use 0.3 s of CPU, whatever else the machine is doing, then idle
+        while time.thread_time() < 0.3:
+            pass
+        used.append(time.thread_time())
+        spun.set()
+        release.wait()
+
+    thread = threading.Thread(target=spin, name="spinner")
+    thread.start()
+    spun.wait()
+    seen = serve_load.thread_cpu_seconds()["spinner"]
+    release.set()
+    thread.join()
+    assert seen == pytest.approx(used[0], abs=0.05)  # /proc counts in ticks of 10 ms
