@@ -54,8 +54,10 @@ def _one_request(host: str, port: int, job: dict) -> dict:
     """Send one streaming chat request and read it to the end; what came back, and when."""
     import http.client
 
-    body = {"model": "model", "messages": job["messages"], "stream": True, "max_tokens": job["max_tokens"],
-            "stream_options": {"include_usage": True}}
+    streamed = job.get("stream", True)
+    body = {"model": "model", "messages": job["messages"], "stream": streamed, "max_tokens": job["max_tokens"]}
+    if streamed:
+        body["stream_options"] = {"include_usage": True}
     if job.get("budget") is not None:
         body["thinking_budget"] = job["budget"]
     began = time.perf_counter()
@@ -68,6 +70,10 @@ def _one_request(host: str, port: int, job: dict) -> dict:
         if status != 200:
             error = f"HTTP {status}: {reply.read()[:200]!r}"
             retry = reply.getheader("retry-after")
+        elif not streamed:  # one JSON body: its first token is its last
+            data = json.loads(reply.read())
+            usage, answer = data["usage"], data["choices"][0]["message"]["content"] or ""
+            first = time.perf_counter()
         else:
             for raw in reply:  # server-sent events, a line at a time
                 line = raw.decode().strip()
@@ -243,18 +249,21 @@ def summarise(records: list[dict], wall: float, jobs: list[dict], expected: dict
 
 
 def _measure(app, url: str, jobs: list[dict], expected: dict, batching: str, clients: int, seconds: float,
-             round_: int, warm_up_s: float) -> dict:
-    """One load on one server: the clients' summary, with the engine's and prefix cache's counts over it."""
+             round_: int, warm_up_s: float, streamed: bool = True) -> dict:
+    """One load on one server: the clients' summary, with the engine's and prefix cache's counts over it.
+    With `streamed` false the clients ask for whole responses, so the server writes one body a request
+    rather than a chunk a step: what the streams' writing costs the batcher is the difference."""
     before, cpu = app.state.batcher.stats(), thread_cpu_seconds()
-    records, wall = load(url, jobs, clients, seconds)
+    records, wall = load(url, [dict(j, stream=streamed) for j in jobs], clients, seconds)
     after, cpu_after = app.state.batcher.stats(), thread_cpu_seconds()
     used = {k: round(v - cpu.get(k, 0.0), 2) for k, v in cpu_after.items()}
-    row = dict(batching=batching, clients=clients, round=round_, **summarise(records, wall, jobs, expected, seconds),
+    row = dict(batching=batching, clients=clients, round=round_, streamed=streamed, **summarise(records, wall, jobs, expected, seconds),
                largest_batch=after["largest_batch"], warm_up_s=round(warm_up_s, 1),
                worker_cpu_s=used.get(WORKER[batching]), server_cpu_s=used.get(f"server-{batching}"))
     if batching == "continuous":
         row.update({k: round(v - before["engine"][k], 3) for k, v in after["engine"].items()},
                    outside_step_s=round(after["outside_step_s"] - before["outside_step_s"], 3))
+        row["wall_ms_per_step"] = round(1e3 * wall / row["steps"], 2) if row["steps"] else None
         hits = after["prefix_cache"]["hits"] - before["prefix_cache"]["hits"]
         lookups = after["prefix_cache"]["lookups"] - before["prefix_cache"]["lookups"]
         row.update(prefix_hit_rate=round(hits / lookups, 3) if lookups else 0.0,
@@ -281,6 +290,8 @@ def main() -> None:
     parser.add_argument("--prefix-cache-mib", type=int, default=1024)
     parser.add_argument("--device")
     parser.add_argument("--tag", default="", help="added to the results file's name")
+    parser.add_argument("--responses", nargs="+", choices=("streamed", "whole"), default=["streamed"],
+                        help="each load once per kind of response: streamed (server-sent events) or whole")
     parser.add_argument("--switch-interval", type=float,
                         help="the server process's thread switch interval in seconds (sys.setswitchinterval)")
     args = parser.parse_args()
@@ -325,16 +336,19 @@ def main() -> None:
             order = args.batching if round_ % 2 == 0 else args.batching[::-1]  # ABBA: neither always goes first
             for batching in order:
                 app, _, url, warm_up_s = servers[batching]
-                rows.append(_measure(app, url, jobs, expected, batching, clients, args.seconds, round_, warm_up_s))
-                print(json.dumps(rows[-1]), flush=True)
+                for responses in args.responses:
+                    rows.append(_measure(app, url, jobs, expected, batching, clients, args.seconds, round_, warm_up_s,
+                                         streamed=responses == "streamed"))
+                    print(json.dumps(rows[-1]), flush=True)
     extra = {}
     for batching, (app, server, _, _) in servers.items():
         server.should_exit = True
         extra[f"{batching}_server"] = app.state.batcher.stats()
-    columns = ["batching", "clients", "round", "requests", "errors", "refused_429", "mixed_up", "mismatched", "tokens_per_s",
+    columns = ["batching", "clients", "round", "streamed", "requests", "errors", "refused_429", "mixed_up", "mismatched", "tokens_per_s",
                "sending_tokens_per_s",
                "first_token_p50_s", "first_token_p95_s", "latency_p50_s", "latency_p95_s", "latency_p99_s",
-               "largest_batch", "prefix_hit_rate"]
+               "largest_batch", "prefix_hit_rate", "wall_ms_per_step", "step_s", "device_wait_s", "outside_step_s",
+               "worker_cpu_s", "server_cpu_s"]
     device = str(model.device)
     suffix = f"-{args.workload}" if args.workload != "arithmetic" else ""
     write(f"serve-load-{name}{suffix}-{'cuda' if model.device.type == 'cuda' else 'cpu'}{args.tag}", rows, columns,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-serve_load = pytest.importorskip("bench.serve_load")
+from bench import serve_load
 
 
 def record(at, first, total, tokens, error=None):
@@ -54,3 +54,29 @@ def test_thread_cpu_seconds_counts_a_busy_thread_by_its_name():
     release.set()
     thread.join()
     assert seen == pytest.approx(used[0], abs=0.05)  # /proc counts in ticks of 10 ms
+
+
+def test_a_client_reads_streamed_and_whole_responses_alike():
+    """The load test's client against a real server: a streamed and a whole response to one question
+    carry the same answer and token count, and only the streamed one sees its first token early."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    from serving import running
+
+    import nano
+    from demos.workstation.server import create_app
+
+    model = nano.load("nano-tiny", device="cpu")
+    app = create_app(model, "model", max_batch=2, default_max_tokens=64)
+    job = dict(index=0, messages=[{"role": "user", "content": "What is 345 - 67?"}], max_tokens=64, budget=None)
+    with running(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        streamed = serve_load._one_request(host, int(port), job)
+        whole = serve_load._one_request(host, int(port), dict(job, stream=False))
+    expected = nano.generate(model, job["messages"], max_new_tokens=64)
+    for record in (streamed, whole):
+        assert record["error"] is None and record["status"] == 200
+        assert record["answer"] == expected.answer
+    assert expected.answer.strip()
+    assert streamed["tokens"] == whole["tokens"] > 0
+    assert whole["first"] == pytest.approx(whole["total"], abs=0.05)
