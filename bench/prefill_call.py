@@ -3,9 +3,11 @@ weights on a GPU: the host's time to launch it, and the device's time to run it.
 
 A server's prompts are short and come a few at a time, so the engine runs many small prefill calls
 between its decode steps, each of which holds up every decoding stream. For each number of rows
-(prompts prefilled together, `HybridRuntime.prefill_slots`; one row goes straight into its slot,
-`extend`, as the engine sends a prompt alone) it reports the median over `--repeats` calls, after
-two to warm up, of:
+(prompts prefilled together, `HybridRuntime.prefill_slots`) it times two ways of running them: eagerly
+as they are (one row goes straight into its slot, `extend`, as the engine without buckets sends a
+prompt alone), and padded to a bucket whose prefill is replayed from a CUDA graph
+(`HybridRuntime.bucket_prefills`, captured before timing). For each it reports the median over
+`--repeats` calls, after two to warm up, of:
 - host_ms: from the call until it returns (the kernels launched, not waited for);
 - device_ms: from before the call until the device has finished (synchronized);
 - kernels: the kernels one call launches (torch.profiler);
@@ -70,7 +72,11 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     model = random_model(args.shape, "cuda", endless=True)
     model.runtime = "fast"
-    engine = Engine(model, slots=max(args.slots, *args.rows), context=args.prompt_tokens + 64)
+    slots, context = max(args.slots, *args.rows), args.prompt_tokens + 64
+    eager = Engine(model, slots=slots, context=context, prefill_buckets=False)
+    engine = Engine(model, slots=slots, context=context, prefill_buckets=True)
+    captured = engine.runtime.warm_up_prefills()
+    print(f"captured {captured} prefill buckets", flush=True)
     generator = torch.Generator().manual_seed(0)
     vocab = len(model.tokenizer)
     prompt = lambda: torch.randint(3, vocab, (args.prompt_tokens,), generator=generator).tolist()  # noqa: E731
@@ -79,22 +85,27 @@ def main() -> None:
     for rows in args.rows:
         prompts = [prompt() for _ in range(rows)]
         if rows == 1:
-            runtime = engine.runtime.slot(0)
+            runtime = eager.runtime.slot(0)
             ids = torch.tensor([prompts[0]], device="cuda")
-            call = lambda: runtime.extend(ids, 0)  # noqa: E731
+            calls = {"eager": lambda: runtime.extend(ids, 0)}
         else:
-            call = lambda: engine.runtime.prefill_slots(prompts, list(range(rows)))  # noqa: E731
-        host, device, kernels = measure(call, args.repeats)
-        results.append(dict(call=f"prefill {rows} x {args.prompt_tokens}", rows=rows, host_ms=round(host, 2),
-                            device_ms=round(device, 2), kernels=kernels))
-        print(results[-1], flush=True)
+            calls = {"eager": lambda: eager.runtime.prefill_slots(prompts, list(range(rows)))}
+        bucket = engine.runtime.prefill_bucket(rows, args.prompt_tokens)
+        if bucket is not None:
+            calls[f"bucket {bucket[0]} x {bucket[1]} (graph)"] = (
+                lambda: engine.runtime.prefill_slots(prompts, list(range(rows))))
+        for how, call in calls.items():
+            host, device, kernels = measure(call, args.repeats)
+            results.append(dict(call=f"prefill {rows} x {args.prompt_tokens}", how=how, rows=rows,
+                                host_ms=round(host, 2), device_ms=round(device, 2), kernels=kernels))
+            print(results[-1], flush=True)
 
     step = engine._step(args.slots, True)  # the engine's greedy decode step, every row a padding row
     step.prepare(engine.tokens[: args.slots])  # captured before it is timed
     host, device, kernels = measure(lambda: step(engine.tokens[: args.slots]), args.repeats)
-    results.append(dict(call=f"decode step, {args.slots} rows (graph)", rows=args.slots, host_ms=round(host, 2),
+    results.append(dict(call=f"decode step, {args.slots} rows", how="graph", rows=args.slots, host_ms=round(host, 2),
                         device_ms=round(device, 2), kernels=kernels))
-    write(f"prefill-call-{args.shape}{args.tag}", results, ["call", "host_ms", "device_ms", "kernels"], "cuda",
+    write(f"prefill-call-{args.shape}{args.tag}", results, ["call", "how", "host_ms", "device_ms", "kernels"], "cuda",
           shape=args.shape, prompt_tokens=args.prompt_tokens, runtime=model.runtime_name(), torch=torch.__version__)
 
 

@@ -49,7 +49,7 @@ import torch
 from .budget import PAD, BudgetController
 from .config import context_length
 from .generation import Generation, PreparedPrompt, Readback, _check_sampling, _generation, prepare_prompt
-from .hardware import PREFILL_CHUNK, PREFILL_ROWS
+from .hardware import PREFILL_CHUNK, PREFILL_ROWS, powers_of_two
 from .layers import MambaCache
 from .prefix_cache import PrefixCache, restore, take
 from .runtime import HybridRuntime, batch_width, to_device
@@ -104,7 +104,7 @@ class Engine:
 
     def __init__(self, model, slots: int = 8, context: int | None = None, prefill_chunk: int | None = None,
                  buckets: tuple[int, ...] | None = None, graphs: bool | None = None, prefix_cache: int = 0,
-                 prefix_min_tokens: int = 256, prefill_rows: int = PREFILL_ROWS):
+                 prefix_min_tokens: int = 256, prefill_rows: int = PREFILL_ROWS, prefill_buckets: bool | None = None):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
         self.prefix = PrefixCache(prefix_cache)
@@ -118,7 +118,12 @@ class Engine:
         if isinstance(prefill_rows, bool) or not isinstance(prefill_rows, int) or prefill_rows < 1:
             raise ValueError(f"prefill_rows must be a positive integer, got {prefill_rows!r}")
         self.prefill_rows = min(prefill_rows, slots)
-        self.buckets = tuple(sorted(set(buckets or _powers_of_two(slots)) | {slots}))
+        if (self.runtime.graphs and self.prefill_rows > 1) if prefill_buckets is None else prefill_buckets:
+            # Short prompts are prefilled in a few shapes, each replayed from a CUDA graph; with one prompt
+            # at a time (a tight memory plan) they go straight into their slots instead, needing no caches
+            # of their own.
+            self.runtime.bucket_prefills(self.prefill_rows)
+        self.buckets = tuple(sorted(set(buckets or powers_of_two(slots)) | {slots}))
         if self.buckets[0] < 1 or self.buckets[-1] > slots:
             raise ValueError(f"buckets must lie in 1..{slots}, got {buckets!r}")
         chat = model.chat
@@ -216,7 +221,7 @@ class Engine:
         for rows, greedy in tqdm([(b, g) for b in self.buckets for g in (True, False)], desc="capture decode steps",
                                  disable=not progress):
             captured += self._step(rows, greedy).prepare(self.tokens[:rows])
-        return captured
+        return captured + self.runtime.warm_up_prefills()
 
     @property
     def busy(self) -> bool:
@@ -329,8 +334,8 @@ class Engine:
             # stalls the decoding streams once, not once per prompt.
             return None
         self.counts["prefill_calls"] += 1
-        if len(batch) == 1:  # alone it goes straight into its slot
-            return self._prefill_chunk(head)
+        if len(batch) == 1 and self.runtime.prefill_bucket(1, len(head.prompt_ids)) is None:
+            return self._prefill_chunk(head)  # alone, and no bucket to replay: straight into its slot
         for request in batch:
             self.prefilling.remove(request)
         self.counts["prompts_together"] += len(batch)
@@ -423,10 +428,6 @@ class Engine:
 
     def _result(self, request: Request, hit: bool) -> Generation:
         return _generation(self.model.tokenizer, request.tokens, request.kinds, hit, len(request.prompt_ids))
-
-
-def _powers_of_two(limit: int) -> list[int]:
-    return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
 
 
 _MASK31 = (1 << 31) - 1

@@ -70,6 +70,9 @@ JETSON_QUANTIZED = ("mamba_in_proj", "mamba_out_proj", "attention", "mlp")
 
 PREFILL_CHUNK = 4096
 PREFILL_ROWS = 8  # the most fresh prompts the engine prefills together in one call
+# The shapes of short prefills (`HybridRuntime.bucket_prefills`): widths, and the most tokens of one.
+PREFILL_BUCKET_WIDTHS = (16, 32, 64, 128, 256)
+PREFILL_BUCKET_TOKENS = 1024
 # Tokens of one prefill call over all rows: mamba-ssm's Triton chunk scan indexes its inputs with 32-bit
 # offsets, and the Mamba in_proj output (22656 wide at the Nano shapes) passes 2**31 past 94k tokens.
 PREFILL_TOKENS = 65536
@@ -79,6 +82,17 @@ def prefill_chunk(rows: int, chunk: int = PREFILL_CHUNK) -> int:
     """Tokens per row in one prefill call: `chunk`, fewer when `rows` of it would pass PREFILL_TOKENS
     (a multiple of the scan's 128-token chunks, at least one)."""
     return max(128, min(chunk, PREFILL_TOKENS // rows // 128 * 128))
+
+
+def powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... up to `limit`, and `limit` itself: the sizes a batch of up to `limit` rows is padded to."""
+    return sorted({1 << k for k in range(limit.bit_length()) if 1 << k <= limit} | {limit})
+
+
+def prefill_buckets(rows: int) -> list[tuple[int, int]]:
+    """The (rows, width) shapes that short prefills of up to `rows` prompts are padded to, smallest
+    first: rows a power of two (or `rows`), widths PREFILL_BUCKET_WIDTHS, at most PREFILL_BUCKET_TOKENS."""
+    return [(r, w) for r in powers_of_two(rows) for w in PREFILL_BUCKET_WIDTHS if r * w <= PREFILL_BUCKET_TOKENS]
 
 
 # The KV caches' width is a multiple of this many columns: with a width of 1025 (the engine's context

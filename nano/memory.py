@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .config import ATTENTION, MAMBA, MLP, family, layer_pattern
-from .hardware import (ARCHITECTURES, DEFAULT_RECIPE, DTYPE_BYTES, JETSON_PRECISIONS, JETSON_QUANTIZED, PREFILL_CHUNK,
-                       PREFILL_ROWS, QUANT_FORMATS, RECIPES, TARGETS, cache_columns, prefill_chunk)
+from .hardware import (ARCHITECTURES, DEFAULT_RECIPE, DTYPE_BYTES, JETSON_PRECISIONS, JETSON_QUANTIZED,
+                       PREFILL_BUCKET_TOKENS, PREFILL_CHUNK, PREFILL_ROWS, QUANT_FORMATS, RECIPES, TARGETS,
+                       cache_columns, prefill_buckets, prefill_chunk)
 
 GIB = 2**30
 
@@ -420,7 +421,8 @@ def engine_plan(config: Any, target: str | float, context: int, slots: int, pref
                 prefill_rows: int = PREFILL_ROWS, **options) -> MemoryPlan:
     """The memory of a continuous-batching engine (`nano.engine`): `slots` request slots of `context`
     tokens each (KV, SSM and conv state); one prefill call of one chunk's tokens, with, where it
-    prefills up to `prefill_rows` prompts together, their state before it moves into their slots;
+    prefills up to `prefill_rows` prompts together, their state before it moves into their slots and
+    the caches and graphs of its short-prompt buckets;
     the decode step's logits and sampler for every slot; and `prefix_cache` bytes of prefix
     snapshots (counted with the overhead)."""
     full = plan(config, target, context, slots, **options)
@@ -428,9 +430,17 @@ def engine_plan(config: Any, target: str | float, context: int, slots: int, pref
     one = plan(config, target, context, 1, **options)
     vocab = int(_get(config, "vocab_size"))
     workspace = one.workspace + slots * vocab * SAMPLER_BYTES_PER_LOGIT
-    if min(prefill_rows, slots) > 1:  # one prompt alone goes straight into its slot
-        together = plan(config, target, 1, min(prefill_rows, slots), **options)
+    rows = min(prefill_rows, slots)
+    if rows > 1:  # one prompt alone goes straight into its slot
+        together = plan(config, target, 1, rows, **options)
         workspace += one.kv_cache * min(context, PREFILL_CHUNK) / context + together.ssm_state + together.conv_state
+        # Short prompts prefill in buckets (`HybridRuntime.bucket_prefills`) on caches of their own, each
+        # bucket's graph in one shared pool as large as the largest call, holding its logits (fp32) too.
+        shapes = prefill_buckets(rows)
+        held = plan(config, target, cache_columns(max(w for _, w in shapes) + 1), max(r for r, _ in shapes), **options)
+        workspace += held.kv_cache + held.ssm_state + held.conv_state
+        workspace += plan(config, target, PREFILL_BUCKET_TOKENS, 1, **options).workspace
+        workspace += sum(r for r, _ in shapes) * vocab * 4
     return replace(full, workspace=int(workspace), overhead=full.overhead + int(prefix_cache))
 
 

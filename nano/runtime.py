@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .compiled import compiled
 from .decoder import Decoder
-from .hardware import cache_columns, prefill_chunk, round_up
+from .hardware import cache_columns, prefill_buckets, prefill_chunk, round_up
 from .kernels import Kernels, select_kernels
 from .layers import (KVCache, MambaCache, MambaDims, attention_out, conv_window, mamba_in_proj, mamba_out, mlp_down,
                      mlp_up, qkv, relu2, split_xbc)
@@ -84,6 +85,7 @@ class HybridRuntime(Decoder):
         self.padded = False
         self.name = describe(self.kernels, self.graphs)
         self._tap = None  # set by `run_layers`: sees the activations of the layer being run
+        self._buckets = None  # set by `bucket_prefills`: the caches and steps of prefills in a few shapes
 
     @property
     def columns(self) -> int:
@@ -300,9 +302,13 @@ class HybridRuntime(Decoder):
             raise ValueError(f"{rows} non-empty prompts need as many distinct slots, got {slots!r}")
         if longest >= self.capacity:
             raise ValueError(f"a prompt of {longest} tokens does not fit a capacity of {self.capacity}")
-        width = min(batch_width(longest), self.capacity - 1)
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        mask = torch.zeros(rows, width, dtype=torch.long)
+        bucket = self.prefill_bucket(rows, longest)
+        if bucket is not None:  # rows and width padded to a bucket's, prefilled by its (graphed) step
+            padded_rows, width = bucket
+        else:
+            padded_rows, width = rows, min(batch_width(longest), self.capacity - 1)
+        ids = torch.zeros(padded_rows, width, dtype=torch.long)
+        mask = torch.zeros(padded_rows, width, dtype=torch.long)
         # Each prompt token's (row, position) in the batch, and (slot, position) in these caches.
         source_row, source_pos, target_row, target_pos = [], [], [], []
         for row, (prompt, slot) in enumerate(zip(prompts, slots)):
@@ -313,21 +319,90 @@ class HybridRuntime(Decoder):
             source_pos += range(pad, width)
             target_row += [slot] * len(prompt)
             target_pos += range(len(prompt))
-        ids, mask, index, moves = (to_device(t, self.device) for t in (
-            ids, mask, torch.tensor(slots), torch.tensor([source_row, source_pos, target_row, target_pos])))
-        fresh = self._view(self._empty_caches(rows, width + 1), rows, width + 1)
-        fresh.start = width - mask.sum(dim=1)
-        fresh.padded = any(len(p) < width for p in prompts)
-        logits = fresh._prefill(ids, mask)
+        if bucket is not None:
+            index, moves = (to_device(t, self.device) for t in (
+                torch.tensor(slots), torch.tensor([source_row, source_pos, target_row, target_pos])))
+            step, fresh = self._bucket_step(padded_rows, width)
+            logits = step(to_device(torch.stack([ids, mask]), self.device))[:rows]
+        else:
+            ids, mask, index, moves = (to_device(t, self.device) for t in (
+                ids, mask, torch.tensor(slots), torch.tensor([source_row, source_pos, target_row, target_pos])))
+            fresh = self._view(self._empty_caches(rows, width + 1), rows, width + 1)
+            fresh.start = width - mask.sum(dim=1)
+            fresh.padded = any(len(p) < width for p in prompts)
+            logits = fresh._prefill(ids, mask)
         source_row, source_pos, target_row, target_pos = moves
         for mine, theirs in zip(self.caches, fresh.caches):
             if isinstance(mine, MambaCache):
+                theirs = theirs.first(rows)  # a bucket's rows of padding alone stay behind
                 mine.conv.index_copy_(0, index, theirs.conv)
                 mine.ssm.index_copy_(0, index, theirs.ssm)
             elif isinstance(mine, KVCache):
                 for here, there in ((mine.k, theirs.k), (mine.v, theirs.v)):
                     here.transpose(1, 2)[target_row, target_pos] = there.transpose(1, 2)[source_row, source_pos]
         return logits
+
+    def bucket_prefills(self, rows: int) -> None:
+        """From now on `prefill_slots` runs batches of up to `rows` short prompts in a few shapes: the
+        rows padded to a power of two (with rows of padding alone), the width to one of
+        PREFILL_BUCKET_WIDTHS, at most PREFILL_BUCKET_TOKENS tokens in all. Each shape's prefill runs on
+        one set of caches kept for the purpose and, on a GPU, is captured in a CUDA graph, all of them
+        sharing one memory pool (one runs at a time, and its logits are copied out).
+
+        Why: a short prefill launches about a thousand kernels, and eagerly the host takes longer to
+        launch them than the device to run them (at the Nano-9B shape on an H200, 58 ms for one
+        40-token prompt against a 5.7 ms decode step, bench/results/prefill-call-nano-9b-v2-h200.json),
+        while every decoding stream waits; a new prompt length also made Triton compile its kernels
+        anew, mid-load. Replayed, such a call costs its device time."""
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be a positive integer, got {rows!r}")
+        shapes = prefill_buckets(rows)
+        if not shapes:
+            self._buckets = None
+            return
+        widest = max(w for _, w in shapes)
+        caches = self._empty_caches(max(r for r, _ in shapes), widest + 1)
+        pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._buckets = _Buckets(shapes, caches, pool, {})
+
+    def prefill_bucket(self, rows: int, longest: int) -> tuple[int, int] | None:
+        """The (rows, width) bucket that `prefill_slots` runs `rows` prompts of up to `longest` tokens
+        in, or None where they fit none (or there are no buckets): then they run eagerly as they are."""
+        if self._buckets is None:
+            return None
+        return next(((r, w) for r, w in self._buckets.shapes if r >= rows and w >= longest), None)
+
+    def warm_up_prefills(self) -> int:
+        """Capture every bucket's prefill now (on prompts of padding alone, which touch no slot) rather
+        than when a request first needs it; how many were captured."""
+        if self._buckets is None or not self.graphs:
+            return 0
+        captured = 0
+        for rows, width in self._buckets.shapes:
+            step, _ = self._bucket_step(rows, width)
+            captured += step.prepare(torch.zeros(2, rows, width, dtype=torch.long, device=self.device))
+        return captured
+
+    def _bucket_step(self, rows: int, width: int):
+        """The prefill of a (rows, width) bucket: a packed (2, rows, width) tensor of token ids and
+        attention mask in, the logits of each row's last token out; and the view of the bucket caches
+        it leaves each row's state in."""
+        buckets = self._buckets
+        if (rows, width) not in buckets.steps:
+            fresh = self._view([None if c is None else c.first(rows) for c in buckets.caches], rows, width + 1)
+            fresh.padded = True  # rows of padding alone may be among them; the mask covers unpadded rows too
+
+            @torch.no_grad()
+            def prefill(packed):
+                ids, mask = packed[0], packed[1]
+                for cache in fresh.caches:
+                    if isinstance(cache, MambaCache):
+                        cache.reset()  # keys and values need none: each position is written before it is read
+                fresh.start.copy_(width - mask.sum(dim=1))
+                return fresh._prefill(ids, mask)
+
+            buckets.steps[rows, width] = self.graphed(prefill, pool=buckets.pool), fresh
+        return buckets.steps[rows, width]
 
     @torch.no_grad()
     def extend(self, input_ids: torch.Tensor, begin: int) -> torch.Tensor:
@@ -381,7 +456,7 @@ class HybridRuntime(Decoder):
         """The final RMSNorm of a residual stream: what the output head multiplies."""
         return self.kernels.rms_norm(stream, self.model.model.norm_f.weight, self.eps)[0]
 
-    def graphed(self, step, generator=None):
+    def graphed(self, step, generator=None, pool=None):
         """`step` (tokens -> outputs, calling `self.step` inside) replayed from a CUDA graph.
 
         The first calls run eagerly (compiling Triton kernels and warming up libraries); the next
@@ -390,10 +465,18 @@ class HybridRuntime(Decoder):
         """
         if not self.graphs:
             return step
-        return _GraphedStep(step, self.device, generator)
+        return _GraphedStep(step, self.device, generator, pool=pool)
 
 
 BATCH_ALIGN = 16
+
+
+@dataclass
+class _Buckets:
+    shapes: list[tuple[int, int]]  # (rows, width), smallest first: the first that holds a batch is its bucket
+    caches: list  # the prefills' own caches, as wide as the widest bucket
+    pool: object  # the graphs' shared memory pool (None without graphs)
+    steps: dict  # (rows, width) -> (step, the view of `caches` it fills)
 
 
 def batch_width(longest: int) -> int:
@@ -419,8 +502,9 @@ def _conv_step(state, x, weight, bias, live=None):
 
 
 class _GraphedStep:
-    def __init__(self, step, device, generator=None, eager_calls: int = 2):
+    def __init__(self, step, device, generator=None, eager_calls: int = 2, pool=None):
         self.step, self.device, self.generator, self.eager_calls = step, device, generator, eager_calls
+        self.pool = pool  # a memory pool shared with other graphs, none of which runs while this one does
         self.graph = None
 
     def prepare(self, tokens) -> bool:
@@ -446,7 +530,7 @@ class _GraphedStep:
             self.graph = torch.cuda.CUDAGraph()
             if self.generator is not None:
                 self.graph.register_generator_state(self.generator)
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=self.pool):
                 self.out = self.step(self.tokens)
         self.tokens.copy_(tokens)
         self.graph.replay()

@@ -58,6 +58,29 @@ def test_prompts_admitted_together_are_prefilled_as_one_batch_and_equal_each_alo
     assert [r.result for r in requests] == alone
 
 
+def test_with_prefill_buckets_every_whole_prompt_goes_through_them_and_equals_it_alone(fast, alone, monkeypatch):
+    """Bucketed (on a GPU, graphed) prefills, on the CPU run eagerly: a prompt alone goes through a
+    bucket too, rather than straight into its slot; a prompt in chunks never does."""
+    engine = Engine(fast, slots=3, context=256, prefill_rows=2, prefill_buckets=True)
+    batches, prefill_slots = [], engine.runtime.prefill_slots
+    monkeypatch.setattr(engine.runtime, "prefill_slots",
+                        lambda prompts, slots: batches.append(list(slots)) or prefill_slots(prompts, slots))
+    first = engine.submit(PROMPTS[0], budget=BUDGETS[0], max_new_tokens=24)
+    engine.step()
+    assert batches == [[0]] and first.state == "decoding"
+    requests = [first] + [engine.submit(p, budget=b, max_new_tokens=24) for p, b in zip(PROMPTS[1:], BUDGETS[1:])]
+    engine.run()
+    assert [r.result for r in requests] == alone
+    assert sum(map(len, batches)) == len(PROMPTS)
+    assert not Engine(fast, slots=3, context=256, prefill_rows=2).runtime.prefill_bucket(1, 5)  # CPU default: none
+
+    chunked = Engine(fast, slots=2, context=256, prefill_chunk=8, prefill_buckets=True)
+    monkeypatch.setattr(chunked.runtime, "prefill_slots", lambda *args: pytest.fail("a chunked prompt in a bucket"))
+    request = chunked.submit(PROMPTS[2], budget=BUDGETS[2], max_new_tokens=24)
+    chunked.run()
+    assert request.result == alone[2]
+
+
 def test_while_others_decode_a_prefill_with_room_waits_one_step_for_company(fast, alone, monkeypatch):
     def engine_logging_batches(prefill_rows):
         engine = Engine(fast, slots=4, context=256, prefill_rows=prefill_rows)

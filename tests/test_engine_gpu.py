@@ -8,6 +8,7 @@ import torch
 
 import nano
 from nano.engine import Engine
+from nano.hardware import prefill_buckets
 from nano.kernels import load_mamba_ssm
 from nano.runtime import HybridRuntime
 
@@ -80,12 +81,41 @@ def test_a_shared_system_prompt_through_the_prefix_cache_on_the_gpu(model):
 
 def test_a_warmed_up_engine_captures_nothing_while_serving_and_still_equals_each_alone(model):
     alone = [nano.generate(model, p, budget=b, max_new_tokens=200) for p, b in zip(PROBLEMS, BUDGETS)]
-    engine = Engine(model, slots=4, context=1024, prefill_chunk=16)
-    assert engine.warm_up() == 2 * len(engine.buckets) == 6  # buckets 1, 2, 4; greedy and sampling
-    steps = dict(engine._steps)
+    engine = Engine(model, slots=4, context=1024)  # whole prompts: they prefill in buckets
+    # Decode buckets 1, 2, 4, greedy and sampling; prefill buckets of 1, 2 and 4 rows in five widths each.
+    assert engine.warm_up() == 2 * len(engine.buckets) + len(prefill_buckets(4)) == 6 + 15
+    steps, prefills = dict(engine._steps), dict(engine.runtime._buckets.steps)
     assert all(step.graph is not None for step in steps.values())
+    assert all(step.graph is not None for step, _ in prefills.values())
     assert engine.warm_up() == 0  # nothing left to capture
     requests = [engine.submit(p, budget=b, max_new_tokens=200) for p, b in zip(PROBLEMS, BUDGETS)]
     engine.run()
     assert [r.result for r in requests] == alone
-    assert engine._steps == steps  # every step the requests ran was one captured before them
+    assert engine._steps == steps and engine.runtime._buckets.steps == prefills  # nothing captured meanwhile
+    assert engine.counts["prompts_together"] == len(PROBLEMS)  # every prompt went through a bucket
+
+
+def test_graphed_prefill_buckets_equal_eager_ones(model):
+    """Each bucket's graph replayed (after its two eager calls and the capture) against the same
+    buckets run eagerly: logits and every slot's state; the slots not prefilled untouched."""
+    prompts = [model.chat.encode(model.chat.render(p)[0]) for p in PROBLEMS]
+    graphed, eager = HybridRuntime(model.model, 8, 1024), HybridRuntime(model.model, 8, 1024, graphs=False)
+    assert graphed.graphs and not eager.graphs
+    for runtime in (graphed, eager):
+        runtime.bucket_prefills(4)
+    for mine, theirs in zip(graphed.caches, eager.caches):
+        for name in ("conv", "ssm", "k", "v"):
+            if hasattr(mine, name):
+                getattr(theirs, name).copy_(getattr(mine, name).normal_())
+    untouched = [None if c is None else {k: t[7].clone() for k, t in vars(c).items() if t.dim() > 1}
+                 for c in graphed.caches]
+    calls = [(prompts[i : i + n], [(3 * i + k) % 7 for k in range(n)]) for n in (1, 3, 2) for i in range(4)]
+    for batch, slots in calls * 3:  # every shape called at least three times: eagerly twice, then captured
+        torch.testing.assert_close(graphed.prefill_slots(batch, slots), eager.prefill_slots(batch, slots),
+                                   rtol=1e-5, atol=1e-5)
+    assert all(step.graph is not None for step, _ in graphed._buckets.steps.values())  # replayed in the end
+    for mine, theirs, saved in zip(graphed.caches, eager.caches, untouched):
+        for name in ("conv", "ssm", "k", "v"):
+            if hasattr(mine, name):
+                torch.testing.assert_close(getattr(mine, name), getattr(theirs, name), rtol=1e-5, atol=1e-5)
+                assert torch.equal(getattr(mine, name)[7], saved[name])  # slot 7 was never prefilled

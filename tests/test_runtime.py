@@ -127,13 +127,19 @@ def test_generate_with_the_fast_runtime_equals_the_reference(tiny_dir):
     assert stream.result == nano.generate(reference, prompts[1], budget=8, max_new_tokens=30)
 
 
-def test_prompts_prefilled_together_into_slots_equal_each_prefilled_alone_into_its_slot(tiny):
+@pytest.mark.parametrize("buckets", [False, True], ids=["eager", "bucketed"])
+def test_prompts_prefilled_together_into_slots_equal_each_prefilled_alone_into_its_slot(tiny, buckets):
     """The engine's batched prefill (left-padded, on caches of its own, moved into scattered slots)
-    against the obvious way: each prompt extended alone into its slot."""
+    against the obvious way: each prompt extended alone into its slot. Bucketed, three prompts run
+    in a bucket of four rows (one of padding alone) on caches a previous call has left its state in."""
     prompts = [tiny.chat.encode(tiny.chat.render(t)[0]) for t in ["hi", "What is 2 + 2? Please explain in detail.", "x y"]]
     slots = [3, 0, 2]
     together = HybridRuntime(tiny.model, 4, 128, prefill_chunk=16)  # several chunks, padding in the first
     alone = HybridRuntime(tiny.model, 4, 128)
+    if buckets:
+        together.bucket_prefills(4)
+        assert together.prefill_bucket(3, max(map(len, prompts))) == (4, 128)  # the longest is 65-128 tokens
+        together.prefill_slots([prompts[1][::-1]], [3])  # state left in the bucket caches; slot 3 is overwritten
     for mine, theirs in zip(together.caches, alone.caches):  # earlier contents, the same in both
         for name in ("conv", "ssm", "k", "v"):
             if hasattr(mine, name):
@@ -186,6 +192,28 @@ def test_prefill_slots_refuses_what_does_not_fit(tiny):
         runtime.prefill_slots([[5], [6]], [1, 1])
     with pytest.raises(ValueError, match="a prompt of 8 tokens does not fit a capacity of 8"):
         runtime.prefill_slots([[5] * 8], [0])
+    for rows in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match=f"rows must be a positive integer, got {rows!r}"):
+            runtime.bucket_prefills(rows)
+
+
+def test_prompts_too_long_or_too_many_for_a_bucket_are_prefilled_as_they_are(tiny):
+    from nano.hardware import PREFILL_BUCKET_TOKENS, PREFILL_BUCKET_WIDTHS, prefill_buckets
+
+    shapes = prefill_buckets(6)
+    assert shapes == [(r, w) for r in (1, 2, 4, 6) for w in PREFILL_BUCKET_WIDTHS if r * w <= PREFILL_BUCKET_TOKENS]
+    assert (6, 128) in shapes and (6, 256) not in shapes and shapes == sorted(shapes)
+    bucketed, plain = HybridRuntime(tiny.model, 2, 512), HybridRuntime(tiny.model, 2, 512)
+    bucketed.bucket_prefills(2)
+    widest = max(PREFILL_BUCKET_WIDTHS)
+    assert bucketed.prefill_bucket(2, widest) == (2, widest) and bucketed.prefill_bucket(2, widest + 1) is None
+    assert bucketed.prefill_bucket(3, 5) is None and plain.prefill_bucket(1, 5) is None
+    prompts = [list(range(3, 3 + widest + 1)), [7, 8, 9]]
+    torch.testing.assert_close(bucketed.prefill_slots(prompts, [1, 0]), plain.prefill_slots(prompts, [1, 0]))
+    for mine, theirs in zip(bucketed.caches, plain.caches):
+        for name in ("conv", "ssm", "k", "v"):
+            if hasattr(mine, name):
+                torch.testing.assert_close(getattr(mine, name), getattr(theirs, name))
 
 
 def test_kv_caches_are_as_wide_as_the_capacity_rounded_to_64_columns(tiny):
