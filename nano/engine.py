@@ -206,10 +206,11 @@ class Engine:
         request.result = self._result(request, hit=False)
 
     def warm_up(self, progress: bool = False) -> int:
-        """Compile and capture the decode step of every bucket, greedy and sampling, now rather than when
-        a request first needs one: a first capture compiles the step's fused pieces for its batch size
-        and takes seconds, which every decoding request would wait. The steps run with every row a
-        padding row, so no slot's state changes. Returns how many steps were captured (0 without graphs)."""
+        """Compile and capture the decode step of every bucket, greedy and sampling, and the prefill of
+        every short-prompt bucket, now rather than when a request first needs one: a first capture
+        compiles the step's fused pieces for its batch size and takes seconds, which every decoding
+        request would wait. The steps run with every row a padding row, so no slot's state changes.
+        Returns how many steps were captured (0 without graphs)."""
         if self.busy:
             raise RuntimeError(f"warm_up needs an idle engine; {self.active()} requests are in slots and "
                                f"{len(self.waiting)} waiting")
@@ -221,7 +222,7 @@ class Engine:
         for rows, greedy in tqdm([(b, g) for b in self.buckets for g in (True, False)], desc="capture decode steps",
                                  disable=not progress):
             captured += self._step(rows, greedy).prepare(self.tokens[:rows])
-        return captured + self.runtime.warm_up_prefills()
+        return captured + self.runtime.warm_up_prefills(progress)
 
     @property
     def busy(self) -> bool:

@@ -372,13 +372,15 @@ class HybridRuntime(Decoder):
             return None
         return next(((r, w) for r, w in self._buckets.shapes if r >= rows and w >= longest), None)
 
-    def warm_up_prefills(self) -> int:
+    def warm_up_prefills(self, progress: bool = False) -> int:
         """Capture every bucket's prefill now (on prompts of padding alone, which touch no slot) rather
         than when a request first needs it; how many were captured."""
         if self._buckets is None or not self.graphs:
             return 0
+        from tqdm.auto import tqdm
+
         captured = 0
-        for rows, width in self._buckets.shapes:
+        for rows, width in tqdm(self._buckets.shapes, desc="capture prefill buckets", disable=not progress):
             step, _ = self._bucket_step(rows, width)
             captured += step.prepare(torch.zeros(2, rows, width, dtype=torch.long, device=self.device))
         return captured

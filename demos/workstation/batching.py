@@ -98,7 +98,7 @@ class ContinuousBatcher:
                  progress: bool = False):
         self.engine = Engine(model, slots=slots, context=context, prefix_cache=prefix_cache,
                              prefill_chunk=prefill_chunk, prefill_rows=prefill_rows)
-        self.engine.warm_up(progress)  # every decode step captured before the first request, not during one
+        self.engine.warm_up(progress)  # every decode step and prefill bucket captured before the first request
         self.max_waiting = 4 * slots if max_waiting is None else max_waiting
         self.inbox: queue.SimpleQueue[Ticket] = queue.SimpleQueue()
         self.live: dict[int, tuple[Ticket, _RowText]] = {}  # by request id

@@ -138,8 +138,8 @@ def create_app(model, model_name: str, max_batch: int = 8, default_max_tokens: i
     `batching` "continuous" runs an engine of `max_batch` slots of `context` tokens (the model's
     context by default) with `prefix_cache` bytes of prefix snapshots, prefilling up to
     `prefill_rows` prompts together, refusing requests past `max_waiting` queued (4 per slot by
-    default); "static" runs batches of up to `max_batch`. The engine captures its decode steps before
-    this returns (on a GPU; `progress` shows a bar).
+    default); "static" runs batches of up to `max_batch`. The engine captures its decode steps and
+    short-prefill buckets before this returns (on a GPU; `progress` shows a bar).
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
