@@ -118,10 +118,12 @@ class Engine:
         if isinstance(prefill_rows, bool) or not isinstance(prefill_rows, int) or prefill_rows < 1:
             raise ValueError(f"prefill_rows must be a positive integer, got {prefill_rows!r}")
         self.prefill_rows = min(prefill_rows, slots)
-        if (self.runtime.graphs and self.prefill_rows > 1) if prefill_buckets is None else prefill_buckets:
+        if prefill_buckets is None:
             # Short prompts are prefilled in a few shapes, each replayed from a CUDA graph; with one prompt
             # at a time (a tight memory plan) they go straight into their slots instead, needing no caches
             # of their own.
+            prefill_buckets = self.runtime.graphs and self.prefill_rows > 1
+        if prefill_buckets:
             self.runtime.bucket_prefills(self.prefill_rows)
         self.buckets = tuple(sorted(set(buckets or powers_of_two(slots)) | {slots}))
         if self.buckets[0] < 1 or self.buckets[-1] > slots:

@@ -22,8 +22,8 @@ from typing import Any
 
 from .config import ATTENTION, MAMBA, MLP, family, layer_pattern
 from .hardware import (ARCHITECTURES, DEFAULT_RECIPE, DTYPE_BYTES, JETSON_PRECISIONS, JETSON_QUANTIZED,
-                       PREFILL_BUCKET_TOKENS, PREFILL_CHUNK, PREFILL_ROWS, QUANT_FORMATS, RECIPES, TARGETS,
-                       cache_columns, prefill_buckets, prefill_chunk)
+                       PREFILL_BUCKET_TOKENS, PREFILL_BUCKET_WIDTHS, PREFILL_CHUNK, PREFILL_ROWS, QUANT_FORMATS,
+                       RECIPES, TARGETS, cache_columns, prefill_buckets, prefill_chunk)
 
 GIB = 2**30
 
@@ -436,11 +436,10 @@ def engine_plan(config: Any, target: str | float, context: int, slots: int, pref
         workspace += one.kv_cache * min(context, PREFILL_CHUNK) / context + together.ssm_state + together.conv_state
         # Short prompts prefill in buckets (`HybridRuntime.bucket_prefills`) on caches of their own, each
         # bucket's graph in one shared pool as large as the largest call, holding its logits (fp32) too.
-        shapes = prefill_buckets(rows)
-        held = plan(config, target, cache_columns(max(w for _, w in shapes) + 1), max(r for r, _ in shapes), **options)
+        held = plan(config, target, cache_columns(max(PREFILL_BUCKET_WIDTHS) + 1), rows, **options)
         workspace += held.kv_cache + held.ssm_state + held.conv_state
         workspace += plan(config, target, PREFILL_BUCKET_TOKENS, 1, **options).workspace
-        workspace += sum(r for r, _ in shapes) * vocab * 4
+        workspace += sum(r for r, _ in prefill_buckets(rows)) * vocab * 4
     return replace(full, workspace=int(workspace), overhead=full.overhead + int(prefix_cache))
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .compiled import compiled
 from .decoder import Decoder
-from .hardware import cache_columns, prefill_buckets, prefill_chunk, round_up
+from .hardware import PREFILL_BUCKET_WIDTHS, cache_columns, prefill_buckets, prefill_chunk, round_up
 from .kernels import Kernels, select_kernels
 from .layers import (KVCache, MambaCache, MambaDims, attention_out, conv_window, mamba_in_proj, mamba_out, mlp_down,
                      mlp_up, qkv, relu2, split_xbc)
@@ -319,14 +319,13 @@ class HybridRuntime(Decoder):
             source_pos += range(pad, width)
             target_row += [slot] * len(prompt)
             target_pos += range(len(prompt))
+        index, moves = (to_device(t, self.device) for t in (
+            torch.tensor(slots), torch.tensor([source_row, source_pos, target_row, target_pos])))
         if bucket is not None:
-            index, moves = (to_device(t, self.device) for t in (
-                torch.tensor(slots), torch.tensor([source_row, source_pos, target_row, target_pos])))
             step, fresh = self._bucket_step(padded_rows, width)
             logits = step(to_device(torch.stack([ids, mask]), self.device))[:rows]
         else:
-            ids, mask, index, moves = (to_device(t, self.device) for t in (
-                ids, mask, torch.tensor(slots), torch.tensor([source_row, source_pos, target_row, target_pos])))
+            ids, mask = to_device(ids, self.device), to_device(mask, self.device)
             fresh = self._view(self._empty_caches(rows, width + 1), rows, width + 1)
             fresh.start = width - mask.sum(dim=1)
             fresh.padded = any(len(p) < width for p in prompts)
@@ -356,14 +355,9 @@ class HybridRuntime(Decoder):
         anew, mid-load. Replayed, such a call costs its device time."""
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be a positive integer, got {rows!r}")
-        shapes = prefill_buckets(rows)
-        if not shapes:
-            self._buckets = None
-            return
-        widest = max(w for _, w in shapes)
-        caches = self._empty_caches(max(r for r, _ in shapes), widest + 1)
+        caches = self._empty_caches(rows, max(PREFILL_BUCKET_WIDTHS) + 1)  # as the largest bucket's
         pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        self._buckets = _Buckets(shapes, caches, pool, {})
+        self._buckets = _Buckets(prefill_buckets(rows), caches, pool, {})
 
     def prefill_bucket(self, rows: int, longest: int) -> tuple[int, int] | None:
         """The (rows, width) bucket that `prefill_slots` runs `rows` prompts of up to `longest` tokens
